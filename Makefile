@@ -1,0 +1,35 @@
+# Every target creates the environment it needs on a fresh machine (once; redone when pyproject changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch/torchvision from PyPI; override for another CUDA/CPU build, e.g. TORCH_PKGS="torch torchvision"
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+DATA   ?= $(IPSD_DATA)
+STAMP  := $(VENV)/.installed
+
+.PHONY: help env demo test bench clean
+
+help:
+	@echo "make demo [DATA=DIR]   set up, train IPS and Hard Label on a small real subset, compare"
+	@echo "make test              set up and run the test suite (IPSD_DATA=DIR enables CIFAR tests)"
+	@echo "make bench             set up and run 'ipsd bench' on this machine"
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH_PKGS)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/ipsd demo $(if $(DATA),--data $(DATA))
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/ipsd bench --json runs/bench.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

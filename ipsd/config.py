@@ -1,0 +1,202 @@
+"""Typed run configuration: YAML + ``key=value`` overrides -> validated dataclasses.
+
+Every hyper-parameter field declares its allowed range or choices once (``param``); one generic
+validator enforces them, so a bad value is refused with the key name and the allowed range.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .registry import closest
+
+
+class ConfigError(ValueError):
+    """A config the user wrote is invalid; the message names the key and the fix."""
+
+
+def param(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+          choices: tuple | None = None, doc: str = "") -> Any:
+    """A dataclass field carrying its validation rule (range or choices) and a one-line doc."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _allowed(f: dataclasses.Field) -> str:
+    m = f.metadata
+    if m.get("choices"):
+        return "one of " + ", ".join(map(repr, m["choices"]))
+    lo, hi = m.get("lo"), m.get("hi")
+    left = ("(" if m.get("lo_open") else "[") + ("-inf" if lo is None else f"{lo:g}")
+    return f"{left}, {'inf' if hi is None else f'{hi:g}'}]"
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """Coerce/verify a parsed YAML value against a field annotation (int->float allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_check_type(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, values: dict[str, Any], where: str = "") -> Any:
+    """Instantiate dataclass ``cls`` from a dict, refusing unknown keys and out-of-range values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key '{where}{key}'; did you mean {closest(key, list(fields))}?")
+        kwargs[key] = _check_type(where + key, value, hints[key])
+    obj = cls(**kwargs)
+    validate(obj, where)
+    return obj
+
+
+def validate(obj: Any, where: str = "") -> None:
+    """Enforce every field's declared range/choices."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        m = f.metadata
+        if v is None or not m:
+            continue
+        if m.get("choices") and v not in m["choices"]:
+            raise ConfigError(f"{where}{f.name}={v!r} is not allowed; use {_allowed(f)}")
+        items = v if isinstance(v, list) else [v]
+        for x in items:
+            if not isinstance(x, (int, float)) or isinstance(x, bool):
+                continue
+            lo, hi = m.get("lo"), m.get("hi")
+            bad = (lo is not None and (x <= lo if m.get("lo_open") else x < lo)) or (hi is not None and x > hi)
+            if bad:
+                raise ConfigError(f"{where}{f.name}={x!r} is out of range; allowed {_allowed(f)}")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# Keys that say where/how a run executes, not what it computes: excluded from the run identity.
+OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic")
+
+
+@dataclass
+class RunConfig:
+    """One training run. Defaults are the IPS paper's CIFAR-100 recipe (RepDistiller's)."""
+
+    method: str = param("ips", doc="registered method name (see `ipsd list`)")
+    model: str = param("resnet18", doc="registered model name")
+    dataset: str = param("cifar100", doc="cifar10 | cifar100 | digits")
+    method_args: dict = param({}, doc="method hyper-parameters; unset ones take the method's (per-model) defaults")
+    per_class: int | None = param(None, lo=1, doc="train images per class (subset); null = all")
+    test_per_class: int | None = param(None, lo=1, doc="test images per class; null = all")
+    classes: list[int] | None = param(None, lo=0, doc="keep only these classes (relabelled 0..k-1)")
+    epochs: int = param(240, lo=1)
+    batch_size: int = param(64, lo=1, doc="global batch (per rank = batch_size / world size); pairs for pair methods")
+    lr: float | None = param(None, lo=0, lo_open=True, doc="initial LR; null = the model's default (0.05, ShuffleNets 0.01)")
+    momentum: float = param(0.9, lo=0, hi=1)
+    nesterov: bool = param(False)
+    weight_decay: float = param(5e-4, lo=0)
+    lr_milestones: list[int] = param([150, 180, 210], lo=1, doc="LR x lr_decay after these epochs of a schedule_ref_epochs-long run")
+    lr_decay: float = param(0.1, lo=0, hi=1, lo_open=True)
+    schedule_ref_epochs: int = param(240, lo=1, doc="epoch count the milestones (and IPS's p_r steps) are written for; scaled to `epochs`")
+    seed: int = param(0, lo=0)
+    precision: str = param("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
+    channels_last: bool | None = param(None, doc="channels_last memory format; null = on for CUDA")
+    compile: bool = param(False, doc="torch.compile the model")
+    sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
+    eval_batch_size: int = param(1000, lo=1)
+    # operational keys (not part of the identity)
+    data_root: str | None = param(None, doc="folder holding the dataset; null = $IPSD_DATA")
+    download: bool = param(False, doc="download the dataset through torchvision if missing")
+    out: str = param("runs", doc="parent folder of run folders")
+    device: str = param("auto", doc="auto | cpu | cuda | cuda:N")
+    stop_after: int | None = param(None, lo=1, doc="stop cleanly after this many epochs of this invocation")
+    progress: bool = param(True, doc="progress bars")
+    deterministic: bool = param(False, doc="cuDNN deterministic kernels (slower)")
+
+    def identity(self) -> dict[str, Any]:
+        """What the run computes: every key except the operational ones."""
+        d = to_dict(self)
+        for k in OPERATIONAL_KEYS:
+            d.pop(k)
+        return d
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line value the way YAML would (1 -> int, 0.5 -> float, [1,2] -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings; ``method_args.T=2`` sets a nested key."""
+    values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"cannot set {key!r}: {p!r} is not a mapping")
+        node[leaf] = parse_value(text)
+    return values
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of key: value")
+    return data
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """YAML file (optional) then command-line overrides -> validated RunConfig (not yet resolved)."""
+    values = load_yaml(path) if path else {}
+    return build(RunConfig, apply_overrides(values, list(overrides)))

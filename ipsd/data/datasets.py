@@ -1,0 +1,124 @@
+"""Dataset container, registry, data-root resolution and deterministic subsetting.
+
+Every reader returns one in-memory :class:`ImageData` (uint8 images + int64 labels) so the
+training code never depends on torchvision's PIL-based datasets and a whole split fits a GPU.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from ipsd.registry import Registry
+
+ENV_DATA = "IPSD_DATA"
+
+
+class DataError(RuntimeError):
+    """Missing/corrupt/unreadable data; message names the file and the fix."""
+
+
+@dataclass
+class ImageData:
+    """Both splits of an image-classification dataset, kept as compact uint8 tensors."""
+
+    name: str
+    train_x: Tensor  # uint8 (N, 3, H, W), contiguous
+    train_y: Tensor  # int64 (N,)
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+    mean: tuple[float, float, float]  # of [0, 1] pixels, per channel
+    std: tuple[float, float, float]
+    note: str = ""  # shown to the user, e.g. when a fallback dataset is used
+
+    def __post_init__(self) -> None:
+        # Fail here, at construction, rather than deep inside a training step.
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or not x.is_contiguous():
+                raise ValueError(f"{self.name} {split}_x must be contiguous uint8 (N, 3, H, W), got "
+                                 f"{x.dtype} {tuple(x.shape)}")
+            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
+                raise ValueError(f"{self.name} {split}_y must be int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+        if self.train_x.shape[1:] != self.test_x.shape[1:]:
+            raise ValueError(f"{self.name}: train and test image shapes differ")
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[2])
+
+
+DATASETS = Registry[Callable[..., ImageData]]("dataset")
+
+
+def resolve_root(root: str | None) -> Path | None:
+    """Root from config/CLI, else env IPSD_DATA, else None (callers decide what None means)."""
+    chosen = root if root else os.environ.get(ENV_DATA) or None
+    return Path(chosen).expanduser() if chosen else None
+
+
+def load_dataset(name: str, root: str | None = None, download: bool = False) -> ImageData:
+    """Look ``name`` up in DATASETS and load it; downloads only when asked to."""
+    return DATASETS.get(name)(root=root, download=download)
+
+
+def _first_per_class(y: Tensor, classes: list[int], k: int | None, split: str) -> Tensor:
+    """Indices (file order) of the first ``k`` images of each class; all of them when k is None."""
+    picked = []
+    for c in classes:
+        idx = torch.nonzero(y == c).flatten()
+        if k is not None:
+            if idx.numel() < k:
+                raise ValueError(f"class {c} has only {idx.numel()} {split} images, asked for {k}")
+            idx = idx[:k]
+        picked.append(idx)
+    return torch.sort(torch.cat(picked)).values
+
+
+def _relabel(y: Tensor, classes: list[int], num_classes: int) -> Tensor:
+    table = torch.full((num_classes,), -1, dtype=torch.int64)
+    table[torch.tensor(classes, dtype=torch.int64)] = torch.arange(len(classes), dtype=torch.int64)
+    return table[y]
+
+
+def subset(
+    data: ImageData,
+    per_class: int | None = None,
+    classes: list[int] | None = None,
+    test_per_class: int | None = None,
+) -> ImageData:
+    """Deterministic small subset: the first ``per_class`` train images of each class in file order
+    (and the first ``test_per_class`` test images); with ``classes``, keep only those and relabel
+    them 0..len-1 in the given order. Images keep their original relative order."""
+    n = data.num_classes
+    keep = list(range(n)) if classes is None else [int(c) for c in classes]
+    if not keep:
+        raise ValueError("subset: `classes` must not be empty")
+    bad = [c for c in keep if not 0 <= c < n]
+    if bad:
+        raise ValueError(f"subset: class index {bad} out of range for {data.name} (0..{n - 1})")
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"subset: duplicate class in {keep}")
+    for arg, value in (("per_class", per_class), ("test_per_class", test_per_class)):
+        if value is not None and value < 1:
+            raise ValueError(f"subset: {arg} must be >= 1, got {value}")
+    tr = _first_per_class(data.train_y, keep, per_class, "train")
+    te = _first_per_class(data.test_y, keep, test_per_class, "test")
+    return replace(
+        data,
+        train_x=data.train_x[tr].contiguous(),
+        train_y=_relabel(data.train_y[tr], keep, n),
+        test_x=data.test_x[te].contiguous(),
+        test_y=_relabel(data.test_y[te], keep, n),
+        classes=[data.classes[c] for c in keep],
+    )

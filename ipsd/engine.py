@@ -1,0 +1,288 @@
+"""The training engine: one loop for every method, model and scale (CPU smoke to multi-node DDP).
+
+``train(cfg)`` resolves the config, creates (or resumes) the run folder named by the hash of the
+run's identity, trains with SGD + step LR, evaluates every epoch, checkpoints atomically every
+epoch and writes ``result.json`` on completion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import dist, runs
+from .config import ConfigError, RunConfig, to_dict
+from .data import DATASETS, load_dataset, subset
+from .data.loader import DeviceLoader
+from .losses import accuracy_counts
+from .method import METHODS, Method, Setup, Step, load_methods
+from .models import MODELS, build_model
+from .rng import derive_seed, generator
+from .schedules import scale_boundaries, step_lr
+
+CHECK_EVERY = 50  # steps between non-finite-loss checks (each check synchronises the device)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged; the run folder keeps the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class Resolved:
+    """A config with every default filled in, plus the classes it names."""
+
+    cfg: RunConfig
+    method_cls: type[Method]
+    method_cfg: Any
+
+    @property
+    def run_id(self) -> str:
+        return runs.run_hash(self.cfg.identity())
+
+
+def _lookup(registry, name: str, key: str):
+    try:
+        return registry.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{key}: {e.args[0]}") from None
+
+
+def resolve(cfg: RunConfig) -> Resolved:
+    """Fill model-dependent defaults (LR, the method's per-model hyper-parameters) and validate names."""
+    load_methods()
+    method_cls = _lookup(METHODS, cfg.method, "method")
+    spec = _lookup(MODELS, cfg.model, "model")
+    _lookup(DATASETS, cfg.dataset, "dataset")
+    method_cfg = method_cls.resolve_config(spec.name, cfg.method_args)
+    cfg = dataclasses.replace(cfg, method=method_cls.name, model=spec.name, dataset=cfg.dataset.lower(),
+                              lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg))
+    return Resolved(cfg, method_cls, method_cfg)
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.out) / resolve(cfg).run_id
+
+
+def _log(msg: str) -> None:
+    tqdm.write(msg, file=sys.stderr)
+
+
+class Task(nn.Module):
+    """What DDP wraps: the model plus the method's trainable extras; forward returns named losses."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, batch, step):
+        return self.method(self.model, batch, step)
+
+
+def wrap_ddp(task: Task, device: torch.device) -> DDP:
+    """DDP over model + method extras; the method's own state (``ddp_ignored``) is neither synced nor broadcast."""
+    DDP._set_params_and_buffers_to_ignore_for_model(task, [f"method.{n}" for n in task.method.ddp_ignored()])
+    return DDP(task, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def load_data(cfg: RunConfig):
+    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    if cfg.per_class or cfg.classes or cfg.test_per_class:
+        try:
+            data = subset(data, cfg.per_class, cfg.classes, cfg.test_per_class)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.batch_size > len(data.train_y):
+        raise ConfigError(f"batch_size={cfg.batch_size} is out of range: the training set has "
+                          f"{len(data.train_y)} images; allowed [1, {len(data.train_y)}]")
+    return data
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DeviceLoader, batch_size: int, autocast) -> tuple[float, float]:
+    """Top-1/top-5 (%) on the full test set, shards summed across ranks."""
+    model.eval()
+    counts = torch.zeros(3, device=loader.device)
+    for x, y in loader.test_batches(batch_size):
+        with autocast():
+            logits = model(x)
+        counts[:2] += accuracy_counts(logits.float(), y)
+        counts[2] += len(y)
+    dist.all_reduce_sum(counts)
+    model.train()
+    top1, top5, n = counts.tolist()
+    return 100 * top1 / n, 100 * top5 / n
+
+
+def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    cl = cuda if cfg.channels_last is None else cfg.channels_last
+    return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn}
+
+
+def train(cfg: RunConfig) -> Path:
+    """Run (or resume, or return) the run ``cfg`` describes; returns its folder."""
+    info, device = dist.init(cfg.device)
+    res = resolve(cfg)
+    cfg = res.cfg
+    folder = Path(cfg.out) / res.run_id
+    if (folder / "result.json").exists():
+        if info.main:
+            _log(f"run {res.run_id} is already complete")
+        return folder
+
+    data = load_data(cfg)
+    if data.note and info.main:
+        _log(data.note)
+    settings = _settings(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        torch.backends.cudnn.deterministic = cfg.deterministic
+
+    torch.manual_seed(derive_seed("init", cfg.seed))  # identical initial weights on every rank
+    model = build_model(cfg.model, data.num_classes)
+    setup = Setup(cfg.model, data.num_classes, data.image_size, len(data.train_y), cfg.epochs, cfg.batch_size)
+    method = res.method_cls(res.method_cfg, setup)
+    if settings["sync_bn"] and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    method.to(device)
+    try:
+        loader = DeviceLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
+                              settings["channels_last"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+
+    state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0}
+    ckpt_path = folder / "checkpoint.pt"
+    if ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        method.load_state_dict(ckpt["method"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = ckpt["state"]
+        if info.main:
+            _log(f"resuming run {res.run_id} after epoch {state['epoch']}")
+    elif info.main:
+        runs.atomic_write_yaml(folder / "config.yaml", to_dict(cfg))
+    dist.barrier()
+
+    if settings["compile"]:
+        model.compile()
+    task = Task(model, method)
+    if info.enabled:
+        task = wrap_ddp(task, device)
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"])  # noqa: E731
+    milestones = scale_boundaries(cfg.lr_milestones, cfg.epochs, cfg.schedule_ref_epochs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    done_here = 0
+    wall_start = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        if cfg.stop_after is not None and done_here >= cfg.stop_after:
+            break
+        lr = step_lr(cfg.lr, epoch, milestones, cfg.lr_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step = Step(epoch, cfg.epochs, generator(device, "method", cfg.seed, epoch, info.rank), cfg.schedule_ref_epochs)
+        method.epoch_start(step)
+        sums: dict[str, torch.Tensor] = {}
+        bad = torch.zeros((), device=device)
+        anchors = 0
+        t0 = time.perf_counter()
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                   disable=not (cfg.progress and info.main), file=sys.stderr, dynamic_ncols=True)
+        for i, batch in enumerate(bar, 1):
+            with autocast():
+                losses = task(batch, step)
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            bad += ~torch.isfinite(loss.detach())
+            anchors += len(batch.y)
+            if i % CHECK_EVERY == 0 or i == len(loader):
+                if dist.all_reduce_sum(bad.clone()).item() > 0:
+                    terms = {k: float(v.detach()) for k, v in losses.items()}
+                    raise NonFiniteLoss(
+                        f"non-finite loss at epoch {epoch}, step {i} (last terms {terms}); training stopped. "
+                        f"{folder} keeps the last good checkpoint (epoch {state['epoch']}). "
+                        f"Lower the LR or check the method's hyper-parameters.")
+        method.epoch_end(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - t0
+        if info.enabled:
+            dist.broadcast_buffers(model)
+        top1, top5 = evaluate(model, loader, cfg.eval_batch_size, autocast)
+        steps = len(loader)
+        loss_means = torch.stack([sums[k] for k in sorted(sums)]) / steps
+        loss_means = (dist.all_reduce_sum(loss_means) / info.world).tolist()
+        images = int(dist.all_reduce_sum(torch.tensor(float(anchors), device=device)).item()) * method.needs.images_per_anchor
+        record = {"epoch": epoch, "lr": lr, "loss": dict(zip(sorted(sums), loss_means)), "top1": top1, "top5": top5,
+                  "train_seconds": train_seconds, "images_per_second": images / train_seconds,
+                  **method.log_values(step)}
+        state["history"].append(record)
+        state["epoch"] = epoch
+        state["train_seconds"] += train_seconds
+        state["train_images"] += images
+        state["wall_seconds"] += time.perf_counter() - wall_start
+        wall_start = time.perf_counter()
+        done_here += 1
+        if info.main:
+            ckpt = {"model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "state": state}
+            runs.atomic_torch_save(ckpt_path, ckpt)
+            runs.atomic_write_text(folder / "log.jsonl", "".join(runs.json_line(r) for r in state["history"]))
+            loss_txt = " ".join(f"{k}={v:.4f}" for k, v in record["loss"].items())
+            _log(f"epoch {epoch}/{cfg.epochs} lr={lr:.3g} {loss_txt} top1={top1:.2f} top5={top5:.2f} "
+                 f"({train_seconds:.1f}s, {record['images_per_second']:.0f} img/s)")
+        dist.barrier()
+
+    if state["epoch"] == cfg.epochs and info.main:
+        runs.atomic_write_json(folder / "result.json", _result(res, state, device, info, loader, settings))
+    dist.barrier()
+    return folder
+
+
+def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, settings) -> dict[str, Any]:
+    """The run record every table cell traces back to."""
+    cfg, hist = res.cfg, state["history"]
+    best = max(hist, key=lambda r: r["top1"])
+    return {
+        "run_id": res.run_id,
+        "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
+        "final": {"top1": hist[-1]["top1"], "top5": hist[-1]["top5"], "epoch": hist[-1]["epoch"]},
+        "best": {"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"],
+                 "note": "selected on the test set"},
+        "curve": [{k: r[k] for k in ("epoch", "top1", "top5", "loss", "lr")} for r in hist],
+        "config": to_dict(cfg),
+        "identity": cfg.identity(),
+        "git_commit": runs.git_commit(),
+        "versions": runs.versions(),
+        "hardware": runs.hardware(device, info.world),
+        "settings": settings,
+        "wall_seconds": state["wall_seconds"],
+        "train_seconds": state["train_seconds"],
+        "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "images_per_step": loader.images_per_step,
+        "peak_memory_mib": runs.peak_memory_mib(device),
+    }
+
+

@@ -1,0 +1,155 @@
+"""The method contract: the one interface a distillation method implements.
+
+A method is an ``nn.Module`` (so its heads, buffers and state are checkpointed and moved with
+everything else). It declares what its batches must hold (:class:`Needs`), owns its
+hyper-parameters as a dataclass (``Config``) with per-model defaults, and maps
+(model, batch, step) to named loss terms that the engine sums and logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .config import build
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What the loader must put in each batch."""
+
+    pairs: bool = False  # batch.partner: an image of the same class per anchor (IPS, CS-KD)
+    self_pairs: bool = False  # whether a partner may be the anchor itself
+    views: int = 1  # 2: batch.view2 is a second, independent augmentation of batch.x (DDGSD, DLB)
+
+    @property
+    def images_per_anchor(self) -> int:
+        return 2 if (self.pairs or self.views == 2) else 1
+
+
+@dataclass
+class Batch:
+    """One step's data on the training device; images are augmented and normalised floats."""
+
+    x: Tensor  # (B, 3, H, W) anchors
+    y: Tensor  # (B,) labels
+    index: Tensor  # (B,) dataset indices of the anchors
+    partner: Tensor | None = None  # (B, 3, H, W) same-class partners
+    partner_index: Tensor | None = None
+    view2: Tensor | None = None  # (B, 3, H, W) second view of the anchors
+
+
+@dataclass
+class Step:
+    """Where training is: 1-indexed epoch, total epochs, and the method's random generator."""
+
+    epoch: int
+    epochs: int
+    generator: torch.Generator
+    schedule_ref_epochs: int = 240
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Facts about the run a method may need at construction."""
+
+    model: str
+    num_classes: int
+    image_size: int
+    train_size: int
+    epochs: int
+    batch_size: int
+
+
+@dataclass
+class NoConfig:
+    """Hyper-parameters of a method that has none."""
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``Config`` and implement ``forward(model, batch, step) -> {name: loss}``."""
+
+    Config: ClassVar[type] = NoConfig
+    # Per-model hyper-parameter overrides from the paper: {model name: {field: value}}.
+    model_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, cfg: Any, setup: Setup):
+        super().__init__()
+        self.cfg = cfg
+        self.setup = setup
+        self.needs = Needs()
+
+    @classmethod
+    def resolve_config(cls, model: str, args: dict[str, Any], where: str = "method_args.") -> Any:
+        """Dataclass defaults < the paper's per-model overrides < user arguments, validated."""
+        values = {**cls.model_defaults.get(model.lower(), {}), **args}
+        return build(cls.Config, values, where)
+
+    def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def epoch_start(self, step: Step) -> None:
+        """Hook before an epoch's first step."""
+
+    def epoch_end(self, step: Step) -> None:
+        """Hook after an epoch's last step (before evaluation); synchronise state across ranks here."""
+
+    def ddp_ignored(self) -> list[str]:
+        """Names (relative to the method) of parameters/buffers DDP must neither sync nor broadcast.
+
+        By default all of the method's buffers: they are per-rank state the method synchronises itself.
+        """
+        return [name for name, _ in self.named_buffers()]
+
+    def log_values(self, step: Step) -> dict[str, float]:
+        """Extra scalars for the epoch log (e.g. the current p_r)."""
+        return {}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: ``@register_method("ips")``; stores the name on the class."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        return METHODS.register(name)(cls)
+
+    return add
+
+
+def forward_views(model: nn.Module, *views: Tensor, joint: bool = False, features: bool = False) -> list[Any]:
+    """Run ``model`` on several batches: separate calls (BatchNorm statistics per view) or one
+    concatenated call (``joint``), returning one output per view either way."""
+    if not joint:
+        return [model(v, features=features) for v in views]
+    out = model(torch.cat(views), features=features)
+    sizes = [len(v) for v in views]
+    if not features:
+        return list(out.split(sizes))
+    logits, feats = out
+    per_field = {f.name: getattr(feats, f.name) for f in dataclasses.fields(feats)}
+    result = []
+    for i, chunk in enumerate(logits.split(sizes)):
+        fields = {
+            k: ([t.split(sizes)[i] for t in v] if isinstance(v, list) else v.split(sizes)[i])
+            for k, v in per_field.items()
+        }
+        result.append((chunk, type(feats)(**fields)))
+    return result
+
+
+def load_methods() -> Registry[type[Method]]:
+    """Import every module of the ``baselines`` package so each method registers itself."""
+    import baselines
+
+    for info in pkgutil.iter_modules(baselines.__path__):
+        importlib.import_module(f"baselines.{info.name}")
+    return METHODS
