@@ -149,7 +149,8 @@ def train(cfg: RunConfig) -> Path:
 
     torch.manual_seed(derive_seed("init", cfg.seed))  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes)
-    setup = Setup(cfg.model, data.num_classes, data.image_size, len(data.train_y), cfg.epochs, cfg.batch_size)
+    setup = Setup(cfg.model, data.num_classes, data.image_size, len(data.train_y), cfg.epochs, cfg.batch_size,
+                  MODELS.get(cfg.model).family, tuple(model.stage_channels), model.num_features)
     method = res.method_cls(res.method_cfg, setup)
     if settings["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

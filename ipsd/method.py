@@ -65,6 +65,9 @@ class Setup:
     train_size: int
     epochs: int
     batch_size: int
+    family: str = ""  # model family: resnet, cifar_resnet, vgg, shufflenet
+    stage_channels: tuple[int, ...] = ()  # channels of the model's Features.stages
+    num_features: int = 0  # width of Features.pooled
 
 
 @dataclass
