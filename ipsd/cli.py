@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from .bench import run_bench
 
-    run_bench(args.json, args.device, args.quick)
+    run_bench(args.json, args.device, args.quick, args.data, args.model)
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="measure patch swap, loader and step cost on this device")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (for tests)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and images (for tests)")
+    p.add_argument("--data", default=None, help="CIFAR-10 root (default: $IPSD_DATA; digits if none)")
+    p.add_argument("--model", default=None, help="model for the step timings (default: resnet18 on GPU, resnet8 on CPU)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("list", help="registered methods, models and datasets")

@@ -1,0 +1,29 @@
+"""`ipsd bench` runs end to end and reports every figure it promises (values are measured, not asserted)."""
+import json
+import math
+
+from ipsd.bench import bench_swap, run_bench
+from ipsd.cli import main
+from ipsd.method import load_methods
+
+
+def test_bench_json_has_every_figure(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(path), "--device", "cpu"]) == 0
+    out = json.loads(path.read_text())
+    for key in ("swap_speedup_vs_loop", "loader_speedup_vs_torchvision", "ips_step_over_hard_step",
+                "swap_fraction_of_ips_step"):
+        assert math.isfinite(out[key]) and out[key] > 0, key
+    methods = {m for m in load_methods().names() if not m.startswith("test_")}
+    printed = capsys.readouterr().out
+    for m in methods:
+        assert f"\n{m} " in printed, m
+    assert out["methods"]["hard"]["step_time_vs_hard"] == 1.0
+    assert out["methods"]["ips"]["images_per_step"] == 2 * out["methods"]["hard"]["images_per_step"]
+
+
+def test_swap_bench_times_both_versions():
+    import torch
+
+    r = bench_swap(torch.device("cpu"), repeats=2)
+    assert r["swap_seconds"] > 0 and r["swap_loop_seconds"] > 0
