@@ -2,7 +2,7 @@
 import json
 import math
 
-from ipsd.bench import bench_swap, run_bench
+from ipsd.bench import bench_swap
 from ipsd.cli import main
 from ipsd.method import load_methods
 
