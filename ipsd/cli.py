@@ -32,6 +32,22 @@ def _bench(args: argparse.Namespace) -> None:
     run_bench(args.json, args.device, args.quick, args.data, args.model)
 
 
+def _sweep(args: argparse.Namespace) -> None:
+    from benchmarks.sweep import LaunchOptions, sweep
+
+    from .config import apply_overrides
+
+    opts = LaunchOptions(jobs=args.jobs, nproc=args.nproc, nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint,
+                         slurm=apply_overrides({}, args.slurm) if args.slurm else None, cluster=args.cluster)
+    sweep(args.config, args.profile, args.launcher, args.overrides, opts, args.tflops, args.dry_run)
+
+
+def _report(args: argparse.Namespace) -> None:
+    from benchmarks.report import report
+
+    print(report(args.config, args.profile, args.overrides, args.format, "best" if args.best else "last"))
+
+
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .method import load_methods
@@ -65,10 +81,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model for the step timings (default: resnet18 on GPU, resnet8 on CPU)")
     p.set_defaults(func=_bench)
 
+    p = sub.add_parser("sweep", help="run a paper table's grid (skips finished runs, resumes unfinished ones)")
+    p.add_argument("config", help="table YAML, e.g. benchmarks/table3.yaml")
+    p.add_argument("--profile", default="full", help="full (the paper's protocol) or smoke (CPU, minutes)")
+    p.add_argument("--launcher", default="local", help="local | gpus | torchrun | slurm")
+    p.add_argument("--jobs", type=int, default=1, help="local: runs at once")
+    p.add_argument("--nproc", type=int, default=1, help="torchrun: processes per node")
+    p.add_argument("--nnodes", type=int, default=1, help="torchrun: nodes")
+    p.add_argument("--rdzv-endpoint", default=None, help="torchrun: host:port of the rendezvous (multi-node)")
+    p.add_argument("--slurm", nargs="*", default=None, metavar="KEY=VALUE",
+                   help="submitit parameters, e.g. slurm_partition=gpu timeout_min=600")
+    p.add_argument("--cluster", default=None, help="submitit cluster (default: auto; 'local' runs jobs locally)")
+    p.add_argument("--tflops", type=float, default=25.0, help="sustained TFLOP/s assumed for the GPU-hour estimate")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only")
+    p.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. data_root=/data")
+    p.set_defaults(func=_sweep)
+
+    p = sub.add_parser("report", help="print a paper table from the run records, with the paper's numbers")
+    p.add_argument("config", help="table YAML")
+    p.add_argument("--profile", default="full")
+    p.add_argument("--format", default="md", choices=("md", "csv", "tex"))
+    p.add_argument("--best", action="store_true", help="best epoch (selected on the test set) instead of the last")
+    p.add_argument("overrides", nargs="*", help="the same key=value overrides the sweep used (e.g. out=...)")
+    p.set_defaults(func=_report)
+
     p = sub.add_parser("list", help="registered methods, models and datasets")
     p.set_defaults(func=_list)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:  # key=value overrides may follow options: collect them wherever they are
+        if "=" in item and not item.startswith("-") and hasattr(args, "overrides"):
+            args.overrides.append(item)
+        else:
+            parser.error(f"unrecognized argument {item!r}")
     from .data import DataError
     from .engine import NonFiniteLoss
 

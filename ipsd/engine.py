@@ -7,7 +7,6 @@ epoch and writes ``result.json`` on completion.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path

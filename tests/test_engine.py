@@ -1,7 +1,6 @@
 """Engine and run records: folder contents, identity, resume exactness (stop_after and kill -9),
 non-finite losses, and bad input. Uses the bundled digits data so it runs anywhere."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 import yaml
 
 from ipsd.cli import main
-from ipsd.config import ConfigError, load_run_config
+from ipsd.config import load_run_config
 from ipsd.engine import NonFiniteLoss, resolve, train
 from ipsd.losses import ce
 from ipsd.method import Method, register_method

@@ -1,0 +1,149 @@
+"""A paper table as a grid of runs: rows (methods) x columns (models) x seeds, from one YAML.
+
+Every cell's runs are ordinary ``ipsd train`` configs. Each replicate's seed is derived from the
+run's identity (everything but the seed), so the same method/model/recipe gets the same seeds in
+every table: Hard Label ResNet18 in Tables 3, 4 and 15 is one set of runs, trained once.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipsd.config import ConfigError, RunConfig, apply_overrides, build, load_yaml
+from ipsd.engine import Resolved, resolve
+from ipsd.registry import closest
+from ipsd.rng import derive_seed
+
+TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric"}
+PROFILE_KEYS = {"seeds", "base", "rows", "columns", "skip"}
+
+
+@dataclass(frozen=True)
+class PaperRef:
+    """Where the paper's numbers for this table are and how its CSV columns map onto the grid."""
+
+    file: str
+    row: str = "method"
+    column: str | list[str] = "model"
+    mean: str = "top1_mean"
+    std: str | None = "top1_std"
+
+
+@dataclass
+class Table:
+    name: str
+    title: str
+    paper: PaperRef
+    seeds: int
+    base: dict[str, Any]
+    rows: dict[str, dict[str, Any]]
+    columns: dict[str, dict[str, Any]]
+    skip: set[tuple[str, str]] = field(default_factory=set)
+    profile: str = "full"
+
+
+@dataclass
+class PlannedRun:
+    row: str
+    column: str
+    replicate: int
+    resolved: Resolved
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.resolved.cfg
+
+    @property
+    def run_id(self) -> str:
+        return self.resolved.run_id
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.out) / self.run_id
+
+
+def _select(full: dict[str, dict], given: Any, what: str) -> dict[str, dict]:
+    """A profile's rows/columns: a list of labels selects; a mapping selects and overrides specs."""
+    labels = list(given) if isinstance(given, (list, dict)) else None
+    if labels is None:
+        raise ConfigError(f"profile {what} must be a list of labels or a mapping")
+    out = {}
+    for label in labels:
+        if label not in full and not isinstance(given, dict):
+            raise ConfigError(f"profile selects unknown {what[:-1]} {label!r}; did you mean {closest(label, list(full))}?")
+        extra = given[label] if isinstance(given, dict) else {}
+        out[label] = _merge(full.get(label, {}), extra or {})
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Deep-merge mapping b into a copy of a (method_args merge key by key)."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def load_table(path: str | Path, profile: str = "full", overrides: list[str] = ()) -> Table:
+    """Read a table YAML, apply a profile and ``key=value`` overrides (these go into every run)."""
+    raw = load_yaml(path)
+    unknown = set(raw) - TABLE_KEYS
+    if unknown:
+        k = sorted(unknown)[0]
+        raise ConfigError(f"{path}: unknown key {k!r}; did you mean {closest(k, sorted(TABLE_KEYS))}?")
+    profiles = raw.get("profiles") or {}
+    if profile != "full" and profile not in profiles:
+        raise ConfigError(f"{path}: no profile {profile!r}; available: full, {', '.join(profiles)}")
+    prof = profiles.get(profile) or {}
+    if set(prof) - PROFILE_KEYS:
+        k = sorted(set(prof) - PROFILE_KEYS)[0]
+        raise ConfigError(f"{path}: profile {profile!r} has unknown key {k!r}; allowed {sorted(PROFILE_KEYS)}")
+    rows = _select(raw["rows"], prof["rows"], "rows") if "rows" in prof else dict(raw["rows"])
+    columns = _select(raw["columns"], prof["columns"], "columns") if "columns" in prof else dict(raw["columns"])
+    base = apply_overrides(_merge(raw.get("base") or {}, prof.get("base") or {}), list(overrides))
+    skip = {tuple(s) for s in prof.get("skip", raw.get("skip") or [])}
+    seeds = int(prof.get("seeds", raw.get("seeds", 3)))
+    if seeds < 1:
+        raise ConfigError(f"{path}: seeds must be >= 1")
+    return Table(name=raw.get("name", Path(path).stem), title=raw.get("title", ""),
+                 paper=build(PaperRef, raw["paper"], "paper."), seeds=seeds, base=base, rows=rows,
+                 columns=columns, skip=skip, profile=profile)
+
+
+def replicate_seed(identity: dict[str, Any], replicate: int) -> int:
+    """Seed of replicate r of a run: a function of what the run computes, never of the table it is in."""
+    ident = {k: v for k, v in identity.items() if k != "seed"}
+    return derive_seed("replicate", sorted(ident.items(), key=lambda kv: kv[0]).__repr__(), replicate) % 2**31
+
+
+def cell_config(table: Table, row: str, column: str) -> dict[str, Any]:
+    """RunConfig values of a cell: base < column < row (a row's method_args merge with the column's)."""
+    spec = _merge(_merge(table.base, table.columns[column]), table.rows[row])
+    spec.pop("paper_key", None)
+    return spec
+
+
+def expand(table: Table) -> list[PlannedRun]:
+    """Every run of the table, in row-major order, with derived seeds."""
+    planned = []
+    for row in table.rows:
+        for column in table.columns:
+            if (row, column) in table.skip:
+                continue
+            values = cell_config(table, row, column)
+            where = f"{table.name} [{row} / {column}]: "
+            try:
+                probe = resolve(build(RunConfig, {**values, "seed": 0}))
+                for r in range(table.seeds):
+                    cfg = build(RunConfig, {**values, "seed": replicate_seed(probe.cfg.identity(), r)})
+                    planned.append(PlannedRun(row, column, r, resolve(cfg)))
+            except ConfigError as e:
+                raise ConfigError(where + str(e)) from None
+    return planned
+
+
+def paper_key(table: Table, column: str) -> str:
+    """The label the paper's CSV uses for a column (defaults to the column label)."""
+    return table.columns[column].get("paper_key", column)

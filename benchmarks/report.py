@@ -1,0 +1,437 @@
+"""The reporter: a paper table's finished runs, aggregated over seeds and printed beside the paper's numbers.
+
+Pipeline: ``load_table`` + ``expand`` (benchmarks/grid.py) give the planned runs; ``collect`` reads each
+planned run's ``result.json`` (and nothing else, so stray folders in ``out`` never count);
+``summarize`` aggregates per cell; ``render`` prints the paper's layout; ``figure`` draws one PNG.
+
+Choices a reader of the numbers should know (they are also printed under every table):
+- last-epoch top-1 is the primary metric; the best epoch is only shown on request and labelled as
+  selected on the test set (it is an optimistic number).
+- the spread is the sample standard deviation (ddof=1) over the finished seeds, the usual
+  "mean ± std of 3 runs" of papers; with fewer than 2 finished seeds it is undefined (NaN) rather
+  than a misleading 0.
+- a cell with fewer finished seeds than the protocol asks for is marked ``[k/n]``; with none it is "–";
+  a cell the table skips is "n/a".
+
+Usage: ``python -m benchmarks.report benchmarks/table3.yaml --profile smoke [--format md|csv|tex]``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmarks.grid import PlannedRun, Table, expand, load_table, paper_key
+from ipsd.config import ConfigError
+
+PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+METRICS = ("last", "best")
+FORMATS = ("md", "csv", "tex")
+DASH = "–"
+REFERENCE_ROW = "Hard Label"
+
+RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
+               "top5_best", "best_epoch", "images_per_step", "wall_seconds", "world_size", "device_hours", "device",
+               "folder"]
+SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "paper_mean",
+                   "paper_std", "delta", "images_per_step", "device_hours", "devices"]
+
+
+def metric_label(metric: str) -> str:
+    """How the metric is named in every output; best-epoch always carries its caveat."""
+    _check_choice("metric", metric, METRICS)
+    return "last-epoch top-1 (%)" if metric == "last" else "best epoch (selected on the test set) top-1 (%)"
+
+
+def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r} is not one of {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------- collect
+def _read_record(run: PlannedRun) -> dict[str, Any] | None:
+    """A planned run's record, or None if it has not finished; a record that is not this run's is an error."""
+    path = run.folder / "result.json"
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable run record ({e}); delete it to re-run this run") from None
+    if rec.get("run_id", run.run_id) != run.run_id:
+        raise ValueError(f"{path}: record says run_id {rec['run_id']!r} but the folder is run {run.run_id!r}; "
+                         "the folder was copied or renamed, remove it")
+    return rec
+
+
+def _num(d: dict[str, Any], *keys: str) -> float:
+    """Nested numeric field, NaN when any level is missing (older or partial records)."""
+    cur: Any = d
+    for k in keys:
+        if not isinstance(cur, dict) or cur.get(k) is None:
+            return math.nan
+        cur = cur[k]
+    return float(cur)
+
+
+def _device_name(rec: dict[str, Any]) -> str:
+    """The accelerator model when there is one (``NVIDIA H100 ...``), else the device type (``cpu``)."""
+    hw = rec.get("hardware") or {}
+    if hw.get("gpu"):
+        return str(hw["gpu"])
+    return str(hw.get("device", "unknown")).split(":")[0]
+
+
+def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFrame:
+    """One row per planned run of ``table`` (row-major, YAML order), finished or not.
+
+    Only the planned folders are read, so other tables' or stray runs in ``out`` never count. A run
+    shared by two cells (identical configs) appears once per cell, as the table has it twice.
+    """
+    planned = expand(table) if planned is None else planned
+    keys = [(p.row, p.column, p.replicate) for p in planned]
+    if len(set(keys)) != len(keys):
+        raise AssertionError(f"{table.name}: the grid planned some (row, column, replicate) twice")
+    cells: dict[tuple[str, str], set[str]] = {}
+    for p in planned:
+        ids = cells.setdefault((p.row, p.column), set())
+        if p.run_id in ids:
+            raise AssertionError(f"{table.name} [{p.row} / {p.column}]: two replicates resolve to run {p.run_id}; "
+                                 "its seeds would be counted twice")
+        ids.add(p.run_id)
+    rows = []
+    for p in planned:
+        rec = _read_record(p)
+        r = rec or {}
+        world = _num(r, "hardware", "world_size")
+        world = 1.0 if rec is not None and math.isnan(world) else world
+        wall = _num(r, "wall_seconds")
+        rows.append({
+            "row": p.row, "column": p.column, "replicate": p.replicate, "seed": p.cfg.seed, "run_id": p.run_id,
+            "done": rec is not None,
+            "top1_last": _num(r, "final", "top1"), "top5_last": _num(r, "final", "top5"),
+            "top1_best": _num(r, "best", "top1"), "top5_best": _num(r, "best", "top5"),
+            "best_epoch": _num(r, "best", "epoch"), "images_per_step": _num(r, "images_per_step"),
+            "wall_seconds": wall, "world_size": world, "device_hours": wall * world / 3600,
+            "device": _device_name(r) if rec is not None else None, "folder": str(p.folder),
+        })
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"done": bool})
+
+
+# -------------------------------------------------------------------------------------------- paper values
+def _paper_path(file: str) -> Path:
+    """``paper.file`` is absolute, or relative to results/paper (where the papers' CSVs live)."""
+    p = Path(file).expanduser()
+    return p if p.is_absolute() else PAPER_DIR / p
+
+
+def _label(values: pd.DataFrame, spec: str | list[str]) -> list[str]:
+    """A CSV label column, or several joined with " / " (Table 5's [backbone, dataset])."""
+    cols = [spec] if isinstance(spec, str) else list(spec)
+    return [" / ".join(str(v).strip() for v in vals) for vals in zip(*(values[c] for c in cols))]
+
+
+def paper_values(table: Table) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """(row label, column label) of the table -> the paper's (mean, std); std None when the paper gives none.
+
+    Labels are matched through ``paper_key`` (column or row spec key; defaults to the label). Cells the
+    CSV lacks, or whose mean is empty, are absent: a missing paper number is never a zero.
+    """
+    ref = table.paper
+    path = _paper_path(ref.file)
+    if not path.is_file():
+        raise ConfigError(f"{table.name}: paper.file {ref.file!r} not found at {path}; "
+                          f"give a path relative to {PAPER_DIR} or an absolute one")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df.columns = [c.strip() for c in df.columns]
+    needed = [ref.row] if isinstance(ref.row, str) else list(ref.row)
+    needed += [ref.column] if isinstance(ref.column, str) else list(ref.column)
+    needed += [ref.mean] + ([ref.std] if ref.std else [])
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{table.name}: {path.name} has no column(s) {missing} named in `paper:`; "
+                          f"its columns are {list(df.columns)}")
+    rows = _label(df, ref.row)
+    cols = _label(df, ref.column)
+    # empty (or non-numeric) cells -> NaN -> absent, never 0
+    means = pd.to_numeric(df[ref.mean].str.strip(), errors="coerce")
+    stds = (pd.to_numeric(df[ref.std].str.strip(), errors="coerce") if ref.std
+            else pd.Series(math.nan, index=df.index))
+    found: dict[tuple[str, str], list[int]] = {}
+    for i, key in enumerate(zip(rows, cols)):
+        found.setdefault(key, []).append(i)
+    out: dict[tuple[str, str], tuple[float, float | None]] = {}
+    for row in table.rows:
+        rkey = str((table.rows[row] or {}).get("paper_key", row))
+        for column in table.columns:
+            key = (rkey, str(paper_key(table, column)))
+            idx = found.get(key, [])
+            if len(idx) > 1:
+                raise ConfigError(f"{table.name}: {path.name} has {len(idx)} lines for {key}; "
+                                  "the paper: row/column mapping does not identify one cell")
+            if not idx or math.isnan(means.iloc[idx[0]]):
+                continue
+            s = stds.iloc[idx[0]]
+            out[(row, column)] = (float(means.iloc[idx[0]]), None if math.isnan(s) else float(s))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- summarize
+def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFrame:
+    """Per cell (YAML order, skipped cells included): seeds done/expected, mean, sample std, paper, delta.
+
+    std uses ddof=1 (sample std, as papers report "mean ± std of n runs") and is NaN for n < 2.
+    delta = ours - paper, NaN when either is missing. device_hours sums the cell's finished runs.
+    """
+    _check_choice("metric", metric, METRICS)
+    col = "top1_last" if metric == "last" else "top1_best"
+    paper = paper_values(table)
+    out = []
+    for row in table.rows:
+        for column in table.columns:
+            skipped = (row, column) in table.skip
+            cell = df[(df["row"] == row) & (df["column"] == column) & df["done"]]
+            vals = cell[col].dropna().astype(float)
+            n = int(len(vals))
+            mean = float(vals.mean()) if n else math.nan
+            std = float(vals.std(ddof=1)) if n >= 2 else math.nan
+            pm, ps = paper.get((row, column), (math.nan, None))
+            ips = cell["images_per_step"].dropna()
+            out.append({
+                "row": row, "column": column, "metric": metric, "skipped": skipped, "n_done": n,
+                "n_expected": 0 if skipped else table.seeds, "mean": mean, "std": std,
+                "paper_mean": pm, "paper_std": math.nan if ps is None else ps, "delta": mean - pm,
+                "images_per_step": float(ips.iloc[0]) if len(ips) and ips.nunique() == 1 else
+                (float(ips.mean()) if len(ips) else math.nan),
+                "device_hours": float(cell["device_hours"].fillna(0).sum()),
+                "devices": ", ".join(sorted(set(cell["device"].dropna()))),
+            })
+    return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+# -------------------------------------------------------------------------------------------------- render
+def _fmt(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str) -> str:
+    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)'; '– (paper 80.53)' with no runs; 'n/a' when skipped."""
+    if s["skipped"]:
+        return "n/a"
+    if s["n_done"] == 0:
+        ours = dash
+    else:
+        ours = _fmt(s["mean"]) + (f" {pm_sym} {_fmt(s['std'])}" if s["n_done"] >= 2 else "")
+        if s["n_done"] < s["n_expected"]:
+            ours += f" [{s['n_done']}/{s['n_expected']}]"
+    if math.isnan(s["paper_mean"]):
+        return ours
+    paper = f"paper {_fmt(s['paper_mean'])}"
+    if not math.isnan(s["delta"]):
+        d = f"{round(s['delta'], 2) + 0.0:+.2f}"  # never "-0.00"
+        paper += ", " + (d.replace("-", minus, 1) if d.startswith("-") else d)
+    return f"{ours} ({paper})"
+
+
+def _row_extras(summary: pd.DataFrame, row: str) -> tuple[str, str]:
+    """images/step (distinct values of the row's finished cells) and device-hours (sum of its finished runs)."""
+    cells = summary[(summary["row"] == row) & (summary["n_done"] > 0)]
+    if cells.empty:
+        return DASH, DASH
+    ips = sorted({float(v) for v in cells["images_per_step"].dropna()})
+    ips_txt = "/".join(f"{v:g}" for v in ips) or DASH
+    return ips_txt, f"{cells['device_hours'].sum():.2f}"
+
+
+def _grid(table: Table, summary: pd.DataFrame, pm_sym: str, minus: str, dash: str) -> list[list[str]]:
+    """The pretty layout as text cells: header then one line per table row, YAML order."""
+    by_cell = {(r, c): s for (r, c), s in zip(zip(summary["row"], summary["column"]), summary.to_dict("records"))}
+    lines = [["Method", *table.columns, "images/step", "device-h"]]
+    for row in table.rows:
+        cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash) for c in table.columns]
+        ips, hours = _row_extras(summary, row)
+        lines.append([row, *cells, ips, hours.replace(DASH, dash)])
+    return lines
+
+
+def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
+    devices = sorted({d for ds in summary["devices"] for d in ds.split(", ") if d})
+    done = int(summary["n_done"].sum())
+    expected = int(summary["n_expected"].sum())
+    caveat = ([f"Profile {table.profile!r} is not the paper's protocol: the paper's numbers are for orientation "
+               "only and the deltas are not a reproduction check."] if table.profile != "full" else [])
+    return [*caveat,
+        f"{done}/{expected} runs finished. Cells: mean ± sample std (ddof=1) over finished seeds; "
+        f"[k/n] = only k of the protocol's n seeds finished; {DASH} = none finished; n/a = not in the table; "
+        "(paper mean, ours − paper).",
+        "images/step = images per optimizer step (pair/two-view methods see more); device-h = wall time x "
+        "world size summed over the row's finished runs." + (f" Devices: {', '.join(devices)}." if devices else ""),
+    ]
+
+
+def _title(table: Table, metric: str) -> str:
+    return f"{table.title or table.name} [{table.name}, profile {table.profile}; metric: {metric_label(metric)}]"
+
+
+def _md(lines: list[list[str]]) -> str:
+    lines = [[c.replace("|", r"\|") for c in l] for l in lines]
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+    fmt = lambda l: "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i else (":" + "-" * (w + 1)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([fmt(lines[0]), rule, *(fmt(l) for l in lines[1:])])
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex_escape(s: str) -> str:
+    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in s)
+
+
+def _tex(table: Table, summary: pd.DataFrame, metric: str) -> str:
+    """A plain LaTeX tabular (no packages needed), title and notes as comments above it."""
+    lines = _grid(table, summary, "PMSYM", "MINUSSYM", "DASHSYM")
+    fix = lambda s: (_tex_escape(s).replace("PMSYM", r"$\pm$").replace("MINUSSYM", "$-$")  # noqa: E731
+                     .replace("DASHSYM", "--").replace("±", r"$\pm$").replace("−", "$-$").replace(DASH, "--"))
+    body = [" & ".join(fix(c) for c in l) + r" \\" for l in lines]
+    spec = "l" + "c" * len(table.columns) + "rr"
+    out = [f"% {_title(table, metric)}", *(f"% {n}" for n in _notes(table, summary)),
+           rf"\begin{{tabular}}{{{spec}}}", r"\hline", body[0], r"\hline", *body[1:], r"\hline", r"\end{tabular}"]
+    return "\n".join(out)
+
+
+def _csv(table: Table, summary: pd.DataFrame) -> str:
+    """Tidy long format: one line per cell with every number, for plotting or diffing."""
+    df = summary.copy()
+    df.insert(0, "profile", table.profile)
+    df.insert(0, "table", table.name)
+    df.insert(df.columns.get_loc("n_done"), "status",
+              ["skipped" if s else ("missing" if n == 0 else ("partial" if n < e else "done"))
+               for s, n, e in zip(df["skipped"], df["n_done"], df["n_expected"])])
+    return df.to_csv(index=False, lineterminator="\n")
+
+
+def render(table: Table, summary: pd.DataFrame, fmt: str = "md", metric: str | None = None) -> str:
+    """The table in the paper's layout (md, tex) or as tidy long CSV.
+
+    ``metric`` defaults to the one ``summary`` was built with; naming a different one is an error, so
+    best-epoch numbers can never be printed under a last-epoch title.
+    """
+    _check_choice("fmt", fmt, FORMATS)
+    used = set(summary["metric"]) if len(summary) else {metric or "last"}
+    if len(used) != 1:
+        raise ValueError(f"summary mixes metrics {sorted(used)}")
+    built = used.pop()
+    if metric is not None and metric != built:
+        raise ValueError(f"summary was built with metric={built!r}, not {metric!r}; re-run summarize")
+    metric = built
+    if fmt == "csv":
+        return _csv(table, summary)
+    if fmt == "tex":
+        return _tex(table, summary, metric) + "\n"
+    lines = _grid(table, summary, "±", "-", DASH)
+    return "\n".join([f"### {_title(table, metric)}", "", _md(lines), "", *_notes(table, summary)]) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- figure
+def _reference_row(table: Table) -> str | None:
+    """The baseline row gains are measured against: 'Hard Label', else the first row training with `hard`."""
+    if REFERENCE_ROW in table.rows:
+        return REFERENCE_ROW
+    return next((r for r, spec in table.rows.items() if (spec or {}).get("method") == "hard"), None)
+
+
+def figure(table: Table, summary: pd.DataFrame, path: str | Path) -> Path:
+    """One PNG: gain over the Hard Label row per column for every other row, ours beside the paper's.
+
+    Without a Hard Label row it plots absolute accuracy, ours vs paper. Ours are solid bars, the
+    paper's hatched bars of the same colour; missing values leave a gap.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metric = str(summary["metric"].iloc[0]) if len(summary) else "last"
+    get = {(r, c): (m, p, sd, psd) for r, c, m, p, sd, psd in
+           zip(summary["row"], summary["column"], summary["mean"], summary["paper_mean"], summary["std"],
+               summary["paper_std"])}
+    ref = _reference_row(table)
+    rows = [r for r in table.rows if r != ref] if ref else list(table.rows)
+    cols = list(table.columns)
+    from matplotlib.patches import Patch
+
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.5 * len(cols) + 0.15 * len(cols) * len(rows))), 5.0))
+    width = 0.8 / max(1, 2 * len(rows))
+    colors = list(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    colors = colors if len(rows) <= len(colors) else list(plt.get_cmap("tab20").colors)
+    for i, row in enumerate(rows):
+        ours, theirs, err = [], [], []
+        for c in cols:
+            m, p, sd, _ = get.get((row, c), (math.nan,) * 4)
+            if ref:
+                rm, rp, _, _ = get.get((ref, c), (math.nan,) * 4)
+                m, p, sd = m - rm, p - rp, math.nan
+            ours.append(m)
+            theirs.append(p)
+            err.append(sd)
+        color = colors[i % len(colors)]
+        for j, (vals, kind) in enumerate(((ours, "ours"), (theirs, "paper"))):
+            xs = [k + (2 * i + j) * width - 0.4 + width / 2 for k in range(len(cols))]
+            keep = [k for k, v in enumerate(vals) if not math.isnan(v)]
+            yerr = None
+            if kind == "ours" and not ref and any(not math.isnan(err[k]) for k in keep):
+                yerr = [0.0 if math.isnan(err[k]) else err[k] for k in keep]
+            ax.bar([xs[k] for k in keep], [vals[k] for k in keep], width, yerr=yerr, color=color,
+                   alpha=1.0 if kind == "ours" else 0.45, hatch=None if kind == "ours" else "//",
+                   edgecolor=color)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=30 if len(cols) > 4 else 0, ha="right" if len(cols) > 4 else "center")
+    if ref:
+        ax.axhline(0, color="black", linewidth=0.8)
+    else:  # absolute accuracies differ by tenths of a point: zoom in rather than start at 0
+        vals = [v for v in list(summary["mean"]) + list(summary["paper_mean"]) if not math.isnan(v)]
+        if vals:
+            ax.set_ylim(math.floor(min(vals)) - 2, math.ceil(max(vals)) + 1)
+    ax.set_ylabel(f"gain over {ref} (points)" if ref else metric_label(metric))
+    ax.set_title(f"{table.name} ({table.profile}): {metric_label(metric)}", fontsize=10)
+    # one colour per row, solid = ours, hatched = paper
+    handles = [Patch(color=colors[i % len(colors)], label=row) for i, row in enumerate(rows)]
+    handles += [Patch(facecolor="black", label="ours"),
+                Patch(facecolor="white", edgecolor="black", hatch="//", label="paper")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+    return path
+
+
+# -------------------------------------------------------------------------------------------------- report
+def report(path: str | Path, profile: str = "full", overrides: Sequence[str] = (), fmt: str = "md",
+           metric: str = "last", figure_dir: str | Path | None = None) -> str:
+    """Everything for one table: the rendered text plus its figure (path mentioned in md/tex output).
+
+    The CSV output stays pure CSV (it is for machines), so the figure path is not in it; the figure is
+    still written, to ``figure_dir`` (default ``<out>/reports``) as ``<table>-<profile>.png``.
+    """
+    _check_choice("fmt", fmt, FORMATS)
+    _check_choice("metric", metric, METRICS)
+    table = load_table(path, profile, list(overrides))
+    planned = expand(table)
+    summary = summarize(table, collect(table, planned), metric)
+    text = render(table, summary, fmt, metric)
+    out = Path(planned[0].cfg.out) if planned else Path(str(table.base.get("out", "runs")))
+    fig_dir = Path(figure_dir) if figure_dir is not None else out / "reports"
+    png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}.png")
+    if fmt == "md":
+        text += f"\nFigure: {png}\n"
+    elif fmt == "tex":
+        text += f"% figure: {png}\n"
+    return text

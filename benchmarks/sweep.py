@@ -1,0 +1,221 @@
+"""``ipsd sweep``: run a table's grid with an existing engine, skipping finished runs.
+
+Every run is an ordinary ``ipsd train`` of its resolved config; because a run's folder is named by
+its identity and resumes from its checkpoint, re-running a sweep after any crash completes only
+what is missing. Launchers:
+  local    sequential, or ``--jobs N`` subprocesses at once
+  gpus     one run per visible GPU, queued
+  torchrun each run across ``--nproc`` GPUs (multi-node: start the same sweep on every node with
+           ``--nnodes``/``--rdzv-endpoint``; runs rendezvous by run id on a shared filesystem)
+  slurm    submitit job array; jobs requeue themselves on preemption/timeout and resume
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import queue
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from ipsd.config import ConfigError, RunConfig, to_dict
+from ipsd.registry import Registry
+
+from .grid import PlannedRun, Table, expand, load_table
+
+LAUNCHERS: Registry[Callable[..., None]] = Registry("launcher")
+KNOWN_TRAIN_SIZES = {"cifar10": (50000, 10), "cifar100": (50000, 100), "digits": (1442, 10)}
+
+
+@dataclass
+class LaunchOptions:
+    jobs: int = 1  # local: runs at once
+    nproc: int = 1  # torchrun: processes (GPUs) per node
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    slurm: dict[str, Any] | None = None  # submitit parameters (partition, timeout_min, ...)
+    cluster: str | None = None  # submitit cluster override ("local" for tests)
+
+
+def train_args(cfg: RunConfig) -> list[str]:
+    """``key=value`` arguments that make ``ipsd train`` reproduce exactly this config."""
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix('...').strip()}"
+            for k, v in to_dict(cfg).items()]
+
+
+def status(run: PlannedRun) -> str:
+    if (run.folder / "result.json").exists():
+        return "done"
+    return "partial" if (run.folder / "checkpoint.pt").exists() else "todo"
+
+
+@functools.lru_cache(maxsize=None)
+def forward_flops(model: str, image_size: int = 32) -> float:
+    """Forward FLOPs of one image (counted once per model with torch's flop counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ipsd.models import build_model
+
+    net = build_model(model, 100).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def images_per_anchor(run: PlannedRun) -> int:
+    """Images forwarded per anchor (2 for pairs or two views), from the method's declared needs."""
+    from ipsd.method import Setup
+
+    try:
+        setup = Setup(run.cfg.model, 100, 32, 50000, run.cfg.epochs, run.cfg.batch_size, "resnet", (64, 128, 256, 512),
+                      512)
+        return run.resolved.method_cls(run.resolved.method_cfg, setup).needs.images_per_anchor
+    except Exception:  # noqa: BLE001 -- an estimate only; a method that cannot be built here counts as 1x
+        return 1
+
+
+def gpu_hours(run: PlannedRun, tflops: float) -> float:
+    """Training compute / an assumed sustained rate: 3x forward FLOPs per image (forward + backward)."""
+    n, classes = KNOWN_TRAIN_SIZES.get(run.cfg.dataset, (50000, 100))
+    if run.cfg.per_class:
+        n = min(n, run.cfg.per_class * len(run.cfg.classes or range(classes)))
+    flops = 3 * forward_flops(run.cfg.model) * n * run.cfg.epochs * images_per_anchor(run)
+    return flops / (tflops * 1e12) / 3600
+
+
+def print_plan(table: Table, runs: list[PlannedRun], tflops: float) -> list[PlannedRun]:
+    states = [status(r) for r in runs]
+    todo = [r for r, s in zip(runs, states) if s != "done"]
+    hours = sum(gpu_hours(r, tflops) for r in todo)
+    print(f"{table.name} [{table.profile}]: {len(runs)} runs ({states.count('done')} done, "
+          f"{states.count('partial')} partial, {states.count('todo')} to start); estimated {hours:.2f} GPU-hours "
+          f"for the remaining {len(todo)} (at an assumed {tflops:g} TFLOP/s sustained; adjust with --tflops)",
+          flush=True)
+    return todo
+
+
+def _command(cfg: RunConfig) -> list[str]:
+    return [sys.executable, "-m", "ipsd", "train", *train_args(cfg), "progress=false"]
+
+
+def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Callable[[PlannedRun], list[str]]) -> None:
+    """Run commands with one worker per slot (each slot = extra environment variables)."""
+    failures: list[str] = []
+    pending: queue.SimpleQueue[PlannedRun] = queue.SimpleQueue()
+    for run in runs:
+        pending.put(run)
+
+    def worker(slot: dict[str, str]) -> None:
+        while True:
+            try:
+                run = pending.get_nowait()
+            except queue.Empty:
+                return
+            print(f"start {run.row} / {run.column} seed {run.cfg.seed} -> {run.folder}", flush=True)
+            proc = subprocess.run(make_cmd(run), env={**os.environ, **slot}, capture_output=True, text=True)
+            if proc.returncode:
+                failures.append(f"{run.row} / {run.column} seed {run.cfg.seed}: {proc.stderr.strip()[-500:]}")
+            else:
+                print(f"done  {run.row} / {run.column} seed {run.cfg.seed}", flush=True)
+
+    with ThreadPoolExecutor(len(slots)) as pool:
+        list(pool.map(worker, slots))
+    _raise_failures(failures)
+
+
+def _raise_failures(failures: list[str]) -> None:
+    if failures:
+        raise RuntimeError(f"{len(failures)} run(s) failed (re-run the sweep to retry them):\n" + "\n".join(failures))
+
+
+@LAUNCHERS.register("local")
+def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
+    if opts.jobs == 1:  # in this process: no interpreter start-up per run
+        from ipsd.engine import train
+
+        failures = []
+        for run in tqdm(runs, desc="runs", file=sys.stderr):
+            try:
+                train(dataclasses.replace(run.cfg, progress=False))
+            except Exception as e:  # noqa: BLE001 -- report every failed run, keep going with the others
+                failures.append(f"{run.row} / {run.column} seed {run.cfg.seed}: {e}")
+        _raise_failures(failures)
+        return
+    threads = max(1, (os.cpu_count() or 1) // opts.jobs)
+    _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * opts.jobs, lambda r: _command(r.cfg))
+
+
+@LAUNCHERS.register("gpus")
+def launch_gpus(runs: list[PlannedRun], opts: LaunchOptions) -> None:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        raise ConfigError("launcher 'gpus' found no visible GPU; use --launcher local")
+    _run_queue(runs, [{"CUDA_VISIBLE_DEVICES": g} for g in gpus], lambda r: _command(r.cfg))
+
+
+@LAUNCHERS.register("torchrun")
+def launch_torchrun(runs: list[PlannedRun], opts: LaunchOptions) -> None:
+    def cmd(run: PlannedRun) -> list[str]:
+        rdzv = (["--rdzv-backend=c10d", f"--rdzv-endpoint={opts.rdzv_endpoint}", f"--rdzv-id={run.run_id}"]
+                if opts.rdzv_endpoint else ["--standalone"])
+        return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={opts.nnodes}",
+                f"--nproc-per-node={opts.nproc}", *rdzv, "-m", "ipsd", "train", *train_args(run.cfg), "progress=false"]
+
+    _run_queue(runs, [{}], cmd)
+
+
+class SlurmRun:
+    """A submitit job: train one run; on preemption or timeout, requeue the same call (it resumes)."""
+
+    def __init__(self, values: dict[str, Any]):
+        self.values = values
+
+    def __call__(self) -> str:
+        from ipsd.config import build
+        from ipsd.engine import train
+
+        return str(train(build(RunConfig, {**self.values, "progress": False})))
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.values))
+
+
+@LAUNCHERS.register("slurm")
+def launch_slurm(runs: list[PlannedRun], opts: LaunchOptions) -> None:
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("launcher 'slurm' needs submitit: pip install 'ipsd[slurm]'") from None
+    folder = Path(runs[0].cfg.out) / "slurm" if runs else Path("runs/slurm")
+    executor = submitit.AutoExecutor(folder=folder, cluster=opts.cluster)
+    params = {"timeout_min": 24 * 60, "gpus_per_node": 1, "tasks_per_node": 1, "cpus_per_task": 8,
+              "slurm_array_parallelism": 64, **(opts.slurm or {})}
+    if executor.cluster != "slurm":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    executor.update_parameters(**params)
+    jobs = executor.submit_array([SlurmRun(to_dict(r.cfg)) for r in runs]) if runs else []
+    print(f"submitted {len(jobs)} job(s) to {executor.cluster}; logs in {folder}", flush=True)
+    for job in jobs:
+        job.result()  # waits; raises if a run failed
+
+
+def sweep(path: str, profile: str = "full", launcher: str = "local", overrides: list[str] = (),
+          opts: LaunchOptions | None = None, tflops: float = 25.0, dry_run: bool = False) -> list[PlannedRun]:
+    table = load_table(path, profile, overrides)
+    runs = expand(table)
+    todo = print_plan(table, runs, tflops)
+    launch = LAUNCHERS.get(launcher)
+    if todo and not dry_run:
+        launch(todo, opts or LaunchOptions())
+    return runs

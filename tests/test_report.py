@@ -1,0 +1,318 @@
+"""The reporter on hand-made run records: aggregation, paper comparison, layout, formats, figure.
+
+Every expected number below is worked out by hand from the accuracies written into the records.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks.grid import PlannedRun, Table, expand, load_table
+from benchmarks.report import PAPER_DIR, collect, figure, paper_values, render, report, summarize
+from ipsd.config import ConfigError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# YAML order is deliberately not alphabetical: rows IPS 2x2 < Hard Label < IPS, columns ResNet20 < ResNet8.
+TABLE_YAML = """
+name: tiny
+title: "Tiny table: digits top-1 (%)"
+paper: {{file: {paper}, row: method, column: model, mean: top1_mean, std: top1_std}}
+seeds: 3
+base: {{dataset: digits, epochs: 2, out: {out}}}
+rows:
+  Hard Label: {{method: hard}}
+  IPS: {{method: ips}}
+  IPS 2x2: {{method: ips, method_args: {{grid: 2}}}}
+columns:
+  ResNet8: {{model: resnet8}}
+  ResNet20: {{model: resnet20}}
+skip: [[IPS 2x2, ResNet20]]
+"""
+
+# The paper's numbers; IPS/ResNet20 std is empty, IPS 2x2/ResNet8 has no mean (absent), an extra line
+# for a cell the table does not have must be ignored.
+PAPER_CSV = """method,model,top1_mean,top1_std
+Hard Label,ResNet8,71.50,0.30
+Hard Label,ResNet20,63.00,0.20
+IPS,ResNet8,74.00,0.10
+IPS,ResNet20,66.00,
+IPS 2x2,ResNet8,,
+Other,ResNet8,50.00,1.00
+"""
+
+# last-epoch top-1 per (row, column) replicate; best = last + 1.5 at epoch 1 (2 epochs)
+LAST = {
+    ("Hard Label", "ResNet8"): [70.0, 72.0, 74.0],  # mean 72, std sqrt((4+0+4)/2) = 2
+    ("Hard Label", "ResNet20"): [60.0, 61.0, 65.0],  # mean 62, std sqrt((4+1+9)/2) = sqrt(7) = 2.6458
+    ("IPS", "ResNet8"): [75.0, 77.0],  # 2 of 3 finished: mean 76, std sqrt((1+1)/1) = 1.4142
+    ("IPS", "ResNet20"): [],  # none finished
+    ("IPS 2x2", "ResNet8"): [73.0, 73.0, 73.0],  # mean 73, std 0
+}
+IMAGES_PER_STEP = {"Hard Label": 64, "IPS": 128, "IPS 2x2": 128}
+WALL = 360.0  # seconds per run; IPS runs used 2 devices
+
+
+def _write_result(run: PlannedRun, top1: float) -> None:
+    world = 2 if run.row == "IPS" else 1
+    rec = {
+        "run_id": run.run_id, "seed": run.cfg.seed, "method": run.cfg.method, "model": run.cfg.model,
+        "final": {"top1": top1, "top5": 99.0, "epoch": 2},
+        "best": {"top1": top1 + 1.5, "top5": 99.5, "epoch": 1, "note": "selected on the test set"},
+        "images_per_step": IMAGES_PER_STEP[run.row], "wall_seconds": WALL, "train_seconds": WALL - 10,
+        "hardware": {"device": "cuda:0", "world_size": world, "gpu": "Test GPU"},
+    }
+    run.folder.mkdir(parents=True, exist_ok=True)
+    (run.folder / "result.json").write_text(json.dumps(rec))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Table, list[PlannedRun], Path]:
+    root = tmp_path_factory.mktemp("report")
+    (root / "paper.csv").write_text(PAPER_CSV)
+    # paper.file relative to results/paper (the other form, absolute, is tested below)
+    rel = os.path.relpath(root / "paper.csv", PAPER_DIR)
+    (root / "tiny.yaml").write_text(TABLE_YAML.format(paper=json.dumps(rel), out=json.dumps(str(root / "runs"))))
+    table = load_table(root / "tiny.yaml")
+    planned = expand(table)
+    for run in planned:
+        values = LAST[(run.row, run.column)]
+        if run.replicate < len(values):
+            _write_result(run, values[run.replicate])
+    return table, planned, root
+
+
+def _cell(summary: pd.DataFrame, row: str, column: str) -> pd.Series:
+    hit = summary[(summary["row"] == row) & (summary["column"] == column)]
+    assert len(hit) == 1
+    return hit.iloc[0]
+
+
+def test_collect_one_row_per_planned_run(tiny):
+    table, planned, _ = tiny
+    df = collect(table)
+    # 3 rows x 2 columns - 1 skipped cell = 5 cells x 3 seeds
+    assert len(df) == 15 == len(planned)
+    assert not df.duplicated(["row", "column", "replicate"]).any()
+    assert df["done"].dtype == bool and int(df["done"].sum()) == 3 + 3 + 2 + 0 + 3
+    missing = df[~df["done"]]
+    assert missing[["top1_last", "top1_best", "device_hours"]].isna().all().all()
+    r = df[(df["row"] == "IPS") & (df["column"] == "ResNet8") & (df["replicate"] == 1)].iloc[0]
+    assert r["top1_last"] == 77.0 and r["top1_best"] == 78.5 and r["best_epoch"] == 1
+    assert r["images_per_step"] == 128 and r["device"] == "Test GPU"
+    assert r["device_hours"] == pytest.approx(360 * 2 / 3600)  # 0.2
+    assert r["seed"] == planned[[p.run_id for p in planned].index(r["run_id"])].cfg.seed
+
+
+def test_summary_last(tiny):
+    table, _, _ = tiny
+    s = summarize(table, collect(table))
+    assert list(zip(s["row"], s["column"])) == [(r, c) for r in table.rows for c in table.columns]
+    c = _cell(s, "Hard Label", "ResNet8")
+    assert (c["n_done"], c["n_expected"]) == (3, 3)
+    assert c["mean"] == pytest.approx(72.0) and c["std"] == pytest.approx(2.0)
+    assert (c["paper_mean"], c["paper_std"]) == (71.5, 0.3) and c["delta"] == pytest.approx(0.5)
+    assert c["device_hours"] == pytest.approx(3 * 0.1)
+    c = _cell(s, "Hard Label", "ResNet20")
+    assert c["mean"] == pytest.approx(62.0) and c["std"] == pytest.approx(math.sqrt(7))
+    assert c["delta"] == pytest.approx(-1.0)
+    c = _cell(s, "IPS", "ResNet8")
+    assert c["n_done"] == 2 and c["mean"] == pytest.approx(76.0) and c["std"] == pytest.approx(math.sqrt(2))
+    assert c["delta"] == pytest.approx(2.0)
+    c = _cell(s, "IPS", "ResNet20")
+    assert c["n_done"] == 0 and math.isnan(c["mean"]) and math.isnan(c["delta"])
+    assert c["paper_mean"] == 66.0 and math.isnan(c["paper_std"])
+    c = _cell(s, "IPS 2x2", "ResNet8")
+    assert c["std"] == 0.0 and math.isnan(c["paper_mean"]) and math.isnan(c["delta"])
+    c = _cell(s, "IPS 2x2", "ResNet20")
+    assert c["skipped"] and c["n_expected"] == 0
+
+
+def test_summary_single_seed_std_is_nan(tiny):
+    table, _, _ = tiny
+    df = collect(table)
+    df = df[~((df["row"] == "Hard Label") & (df["column"] == "ResNet8") & (df["replicate"] > 0))]
+    c = _cell(summarize(table, df), "Hard Label", "ResNet8")
+    assert c["n_done"] == 1 and c["mean"] == 70.0 and math.isnan(c["std"])
+
+
+def test_summary_best(tiny):
+    table, _, _ = tiny
+    s = summarize(table, collect(table), metric="best")
+    c = _cell(s, "Hard Label", "ResNet8")
+    assert c["mean"] == pytest.approx(73.5) and c["std"] == pytest.approx(2.0) and c["delta"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="metric"):
+        summarize(table, collect(table), metric="max")
+
+
+def test_render_markdown(tiny):
+    table, _, _ = tiny
+    text = render(table, summarize(table, collect(table)), "md", "last")
+    lines = text.splitlines()
+    assert "Tiny table" in lines[0] and "tiny" in lines[0] and "profile full" in lines[0]
+    assert "last-epoch" in lines[0] and "best" not in lines[0]
+    rows = [l for l in lines if l.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header == ["Method", "ResNet8", "ResNet20", "images/step", "device-h"]
+    body = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[2:]}
+    assert list(body) == ["Hard Label", "IPS", "IPS 2x2"]
+    assert body["Hard Label"] == ["72.00 ± 2.00 (paper 71.50, +0.50)", "62.00 ± 2.65 (paper 63.00, -1.00)",
+                                  "64", "0.60"]  # 6 runs x 360 s x 1 device
+    assert body["IPS"][0] == "76.00 ± 1.41 [2/3] (paper 74.00, +2.00)"
+    assert body["IPS"][1].startswith("–") and "paper 66.00" in body["IPS"][1]
+    assert body["IPS"][2:] == ["128", "0.40"]  # 2 runs x 360 s x 2 devices
+    assert body["IPS 2x2"][:2] == ["73.00 ± 0.00", "n/a"]
+
+
+def test_render_best_is_labelled(tiny):
+    table, _, _ = tiny
+    summary = summarize(table, collect(table), "best")
+    text = render(table, summary, "md", "best")
+    assert "best epoch (selected on the test set)" in text.splitlines()[0]
+    assert "73.50 ± 2.00 (paper 71.50, +2.00)" in text
+    with pytest.raises(ValueError, match="metric"):
+        render(table, summary, "md", "last")  # best numbers never under a last-epoch title
+
+
+def test_render_csv_is_tidy(tiny):
+    table, _, _ = tiny
+    out = pd.read_csv(io.StringIO(render(table, summarize(table, collect(table)), "csv", "last")))
+    for col in ["table", "profile", "metric", "row", "column", "status", "n_done", "n_expected", "mean", "std",
+                "paper_mean", "paper_std", "delta", "images_per_step", "device_hours"]:
+        assert col in out.columns
+    assert len(out) == 6
+    r = out[(out["row"] == "IPS") & (out["column"] == "ResNet8")].iloc[0]
+    assert r["status"] == "partial" and r["n_done"] == 2 and r["mean"] == pytest.approx(76.0)
+    assert out.set_index(["row", "column"]).loc[("IPS 2x2", "ResNet20"), "status"] == "skipped"
+    assert out.set_index(["row", "column"]).loc[("IPS", "ResNet20"), "status"] == "missing"
+
+
+def test_render_tex_is_a_tabular(tiny):
+    table, _, _ = tiny
+    tex = render(table, summarize(table, collect(table)), "tex", "last")
+    body = [l for l in tex.splitlines() if not l.startswith("%")]
+    assert body[0] == r"\begin{tabular}{lccrr}" and body[-1] == r"\end{tabular}"
+    assert r"72.00 $\pm$ 2.00 (paper 71.50, +0.50)" in tex
+    assert r"62.00 $\pm$ 2.65 (paper 63.00, $-$1.00)" in tex
+    assert "[2/3]" in tex and "n/a" in tex and "±" not in "\n".join(body)
+    assert all(l.endswith(r"\\") for l in body if "&" in l)
+
+
+def test_stray_and_duplicate_folders_do_not_count(tiny):
+    table, planned, root = tiny
+    before = collect(table)
+    out = root / "runs"
+    done = next(p for p in planned if (p.folder / "result.json").exists())
+    shutil.copytree(done.folder, out / "copy-of-a-run")  # same record under another name
+    stray = out / "0123456789ab"  # an unrelated run (another table's) in the same out folder
+    stray.mkdir()
+    (stray / "result.json").write_text(json.dumps({"run_id": "0123456789ab", "final": {"top1": 1.0}}))
+    after = collect(table)
+    pd.testing.assert_frame_equal(before, after)
+    s = summarize(table, after)
+    assert int(s["n_done"].sum()) == 11 and _cell(s, "Hard Label", "ResNet8")["mean"] == pytest.approx(72.0)
+
+
+def test_record_of_another_run_is_an_error(tmp_path, tiny):
+    table, _, _ = tiny
+    t = dataclasses.replace(table, base={**table.base, "out": str(tmp_path)})
+    run = expand(t)[0]
+    run.folder.mkdir(parents=True)
+    (run.folder / "result.json").write_text(json.dumps({"run_id": "ffffffffffff"}))
+    with pytest.raises(ValueError, match="run_id"):
+        collect(t)
+
+
+def test_shared_runs_count_in_each_cell(tmp_path):
+    """Two rows with one config are the same runs (same seeds): each cell counts them once."""
+    (tmp_path / "p.csv").write_text("method,model,top1_mean,top1_std\n")
+    (tmp_path / "t.yaml").write_text(
+        f"name: twin\npaper: {{file: {json.dumps(str(tmp_path / 'p.csv'))}}}\nseeds: 2\n"
+        f"base: {{dataset: digits, epochs: 2, out: {json.dumps(str(tmp_path / 'runs'))}}}\n"
+        "rows: {Hard Label: {method: hard}, Hard again: {method: hard}}\ncolumns: {ResNet8: {model: resnet8}}\n")
+    table = load_table(tmp_path / "t.yaml")
+    planned = expand(table)
+    for run, acc in zip(planned[:2], (70.0, 80.0)):
+        _write_result(run, acc)
+    df = collect(table)
+    assert len(df) == 4 and df["done"].all()
+    s = summarize(table, df)
+    assert list(s["n_done"]) == [2, 2] and list(s["mean"]) == [75.0, 75.0]
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figure_gain_and_absolute(tiny, tmp_path):
+    table, _, _ = tiny
+    summary = summarize(table, collect(table))
+    assert _is_png(figure(table, summary, tmp_path / "gain.png"))
+    no_hard = dataclasses.replace(table, rows={"IPS": table.rows["IPS"]})
+    assert _is_png(figure(no_hard, summary[summary["row"] == "IPS"], tmp_path / "sub" / "abs.png"))
+
+
+def test_report_end_to_end(tiny, tmp_path):
+    _, _, root = tiny
+    text = report(root / "tiny.yaml", figure_dir=tmp_path / "figs")
+    png = tmp_path / "figs" / "tiny-full.png"
+    assert str(png) in text and _is_png(png)
+    assert "72.00 ± 2.00 (paper 71.50, +0.50)" in text
+    best = report(root / "tiny.yaml", metric="best", figure_dir=tmp_path / "figs")
+    assert "best epoch (selected on the test set)" in best
+    tex = report(root / "tiny.yaml", fmt="tex")  # default figure folder: <out>/reports
+    assert _is_png(root / "runs" / "reports" / "tiny-full.png") and r"\begin{tabular}" in tex
+    with pytest.raises(ValueError, match="fmt"):
+        report(root / "tiny.yaml", fmt="html")
+
+
+def test_paper_values_absolute_path_and_errors(tmp_path):
+    (tmp_path / "p.csv").write_text(PAPER_CSV)
+    yaml = ("name: t\npaper: {{file: {f}{extra}}}\nrows: {{Hard Label: {{method: hard}}, IPS: {{method: ips}}}}\n"
+            "columns: {{ResNet8: {{model: resnet8}}, ResNet20: {{model: resnet20}}}}\n")
+    (tmp_path / "t.yaml").write_text(yaml.format(f=json.dumps(str(tmp_path / "p.csv")), extra=""))
+    assert paper_values(load_table(tmp_path / "t.yaml")) == {
+        ("Hard Label", "ResNet8"): (71.5, 0.3), ("Hard Label", "ResNet20"): (63.0, 0.2),
+        ("IPS", "ResNet8"): (74.0, 0.1), ("IPS", "ResNet20"): (66.0, None)}
+    (tmp_path / "t.yaml").write_text(yaml.format(f=json.dumps(str(tmp_path / "p.csv")), extra=", mean: top1"))
+    with pytest.raises(ConfigError, match="top1"):
+        paper_values(load_table(tmp_path / "t.yaml"))
+    (tmp_path / "t.yaml").write_text(yaml.format(f="nowhere.csv", extra=""))
+    with pytest.raises(ConfigError, match="nowhere.csv"):
+        paper_values(load_table(tmp_path / "t.yaml"))
+
+
+def test_paper_values_real_table3():
+    vals = paper_values(load_table(Path(__file__).resolve().parents[1] / "benchmarks" / "table3.yaml"))
+    assert vals[("IPS (4x4)", "ResNet18")] == (80.53, 0.16)
+    assert vals[("Hard Label", "VGG16")] == (74.40, 0.03)
+    assert ("FER", "VGG13") not in vals  # empty in the paper
+
+
+def test_paper_values_real_table5_composite_column(tmp_path):
+    (tmp_path / "t5.yaml").write_text(
+        "name: t5\npaper: {file: table5_finegrained.csv, row: method, column: [backbone, dataset]}\n"
+        "rows: {Hard Label: {method: hard}, IPS (4x4): {method: ips}}\n"
+        "columns: {ResNet18 / CUB-200-2011: {model: resnet18},"
+        " Dogs R34: {model: resnet34, paper_key: ResNet34 / Stanford Dogs}}\n")
+    vals = paper_values(load_table(tmp_path / "t5.yaml"))
+    assert vals[("Hard Label", "ResNet18 / CUB-200-2011")] == (57.76, 0.51)
+    assert vals[("IPS (4x4)", "Dogs R34")] == (71.75, 0.13)
+    assert len(vals) == 4
+
+
+def test_paper_values_real_table2_without_std(tmp_path):
+    (tmp_path / "t2.yaml").write_text(
+        "name: t2\npaper: {file: table2_imagenet.csv, row: method, column: model, mean: top1, std: null}\n"
+        "rows: {Hard Label: {method: hard}, KD (ResNet152 teacher): {method: hard}}\n"
+        "columns: {ResNet50: {model: resnet18}}\n")
+    vals = paper_values(load_table(tmp_path / "t2.yaml"))
+    assert vals == {("Hard Label", "ResNet50"): (76.30, None)}  # KD's value is missing in the paper
