@@ -7,12 +7,18 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 DATA   ?= $(IPSD_DATA)
 STAMP  := $(VENV)/.installed
 
-.PHONY: help env demo test bench clean
+LAUNCHER ?= gpus
+TABLES := table2 table3 table4 table5 table15
+DATA_ARG = $(if $(DATA),data_root=$(DATA))
+
+.PHONY: help env demo test bench clean $(TABLES) $(TABLES:%=%-smoke)
 
 help:
 	@echo "make demo [DATA=DIR]   set up, train IPS and Hard Label on a small real subset, compare"
 	@echo "make test              set up and run the test suite (IPSD_DATA=DIR enables CIFAR tests)"
 	@echo "make bench             set up and run 'ipsd bench' on this machine"
+	@echo "make table3 [DATA=DIR] [LAUNCHER=gpus|local|torchrun|slurm]  full protocol (3 seeds), then the report"
+	@echo "make table3-smoke DATA=DIR   the same, end to end, on a CIFAR-10 subset on CPU in minutes"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +36,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/ipsd bench --json runs/bench.json
+
+$(TABLES): $(STAMP)
+	$(BIN)/ipsd sweep benchmarks/$@.yaml --launcher $(LAUNCHER) $(DATA_ARG)
+	$(BIN)/ipsd report benchmarks/$@.yaml $(DATA_ARG)
+
+$(TABLES:%=%-smoke): %-smoke: $(STAMP)
+	$(BIN)/ipsd sweep benchmarks/$*.yaml --profile smoke --launcher local $(DATA_ARG)
+	$(BIN)/ipsd report benchmarks/$*.yaml --profile smoke $(DATA_ARG)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -121,12 +121,30 @@ def replicate_seed(identity: dict[str, Any], replicate: int) -> int:
 def cell_config(table: Table, row: str, column: str) -> dict[str, Any]:
     """RunConfig values of a cell: base < column < row (a row's method_args merge with the column's)."""
     spec = _merge(_merge(table.base, table.columns[column]), table.rows[row])
-    spec.pop("paper_key", None)
+    for key in ("paper_key", "teacher_run"):
+        spec.pop(key, None)
     return spec
 
 
+def _replicates(values: dict[str, Any], seeds: int) -> list[Resolved]:
+    probe = resolve(build(RunConfig, {**values, "seed": 0}))
+    return [resolve(build(RunConfig, {**values, "seed": replicate_seed(probe.cfg.identity(), r)}))
+            for r in range(seeds)]
+
+
+def teacher_run(table: Table, column: str) -> PlannedRun | None:
+    """The column's teacher (``teacher_run:`` = a Hard Label recipe over the table's base), first replicate."""
+    recipe = table.columns[column].get("teacher_run")
+    if recipe is None:
+        return None
+    values = _merge(_merge(table.base, {"method": "hard"}), recipe)
+    return PlannedRun("teacher", column, 0, _replicates(values, 1)[0])
+
+
 def expand(table: Table) -> list[PlannedRun]:
-    """Every run of the table, in row-major order, with derived seeds."""
+    """Every run of the table, in row-major order, with derived seeds (teachers excluded: see teachers())."""
+    from ipsd.method import load_methods
+
     planned = []
     for row in table.rows:
         for column in table.columns:
@@ -135,13 +153,24 @@ def expand(table: Table) -> list[PlannedRun]:
             values = cell_config(table, row, column)
             where = f"{table.name} [{row} / {column}]: "
             try:
-                probe = resolve(build(RunConfig, {**values, "seed": 0}))
-                for r in range(table.seeds):
-                    cfg = build(RunConfig, {**values, "seed": replicate_seed(probe.cfg.identity(), r)})
-                    planned.append(PlannedRun(row, column, r, resolve(cfg)))
-            except ConfigError as e:
-                raise ConfigError(where + str(e)) from None
+                method = load_methods().get(values.get("method", "ips"))
+                teacher = teacher_run(table, column) if method.needs_teacher else None
+                if teacher is not None:
+                    values["teacher"] = str(teacher.folder)
+                planned += [PlannedRun(row, column, r, res) for r, res in enumerate(_replicates(values, table.seeds))]
+            except (ConfigError, KeyError) as e:
+                raise ConfigError(where + str(e.args[0] if isinstance(e, KeyError) else e)) from None
     return planned
+
+
+def teachers(table: Table) -> list[PlannedRun]:
+    """The teacher runs the table's teacher-based rows need (trained before the students)."""
+    needed = {}
+    for column in table.columns:
+        t = teacher_run(table, column)
+        if t is not None:
+            needed.setdefault(t.run_id, t)
+    return list(needed.values())
 
 
 def paper_key(table: Table, column: str) -> str:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ipsd.config import ConfigError, RunConfig, to_dict
 from ipsd.registry import Registry
 
-from .grid import PlannedRun, Table, expand, load_table
+from .grid import PlannedRun, Table, expand, load_table, teachers
 
 LAUNCHERS: Registry[Callable[..., None]] = Registry("launcher")
 KNOWN_TRAIN_SIZES = {"cifar10": (50000, 10), "cifar100": (50000, 100), "digits": (1442, 10)}
@@ -91,11 +91,11 @@ def gpu_hours(run: PlannedRun, tflops: float) -> float:
     return flops / (tflops * 1e12) / 3600
 
 
-def print_plan(table: Table, runs: list[PlannedRun], tflops: float) -> list[PlannedRun]:
+def print_plan(table: Table, runs: list[PlannedRun], tflops: float, what: str = "runs") -> list[PlannedRun]:
     states = [status(r) for r in runs]
     todo = [r for r, s in zip(runs, states) if s != "done"]
     hours = sum(gpu_hours(r, tflops) for r in todo)
-    print(f"{table.name} [{table.profile}]: {len(runs)} runs ({states.count('done')} done, "
+    print(f"{table.name} [{table.profile}]: {len(runs)} {what} ({states.count('done')} done, "
           f"{states.count('partial')} partial, {states.count('todo')} to start); estimated {hours:.2f} GPU-hours "
           f"for the remaining {len(todo)} (at an assumed {tflops:g} TFLOP/s sustained; adjust with --tflops)",
           flush=True)
@@ -214,8 +214,13 @@ def sweep(path: str, profile: str = "full", launcher: str = "local", overrides: 
           opts: LaunchOptions | None = None, tflops: float = 25.0, dry_run: bool = False) -> list[PlannedRun]:
     table = load_table(path, profile, overrides)
     runs = expand(table)
-    todo = print_plan(table, runs, tflops)
     launch = LAUNCHERS.get(launcher)
+    needed = teachers(table) if any(r.resolved.method_cls.needs_teacher for r in runs) else []
+    if needed:  # a teacher that does not exist yet is trained first
+        todo = print_plan(table, needed, tflops, "teachers")
+        if todo and not dry_run:
+            launch(todo, opts or LaunchOptions())
+    todo = print_plan(table, runs, tflops)
     if todo and not dry_run:
         launch(todo, opts or LaunchOptions())
     return runs

@@ -115,7 +115,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
-OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic")
+OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher")
 
 
 @dataclass
@@ -144,7 +144,10 @@ class RunConfig:
     compile: bool = param(False, doc="torch.compile the model")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
     eval_batch_size: int = param(1000, lo=1)
+    teacher_id: str | None = param(None, doc="set by resolution: 'run:<run id>' or 'sha256:<digest>' of the teacher")
+    teacher_tolerance: float = param(0.1, lo=0, doc="max |re-measured - recorded| teacher top-1 (points)")
     # operational keys (not part of the identity)
+    teacher: str | None = param(None, doc="teacher: a name in results/teachers.yaml, a run folder or a checkpoint")
     data_root: str | None = param(None, doc="folder holding the dataset; null = $IPSD_DATA")
     download: bool = param(False, doc="download the dataset through torchvision if missing")
     out: str = param("runs", doc="parent folder of run folders")

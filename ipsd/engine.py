@@ -26,6 +26,7 @@ from .method import METHODS, Method, Setup, Step, load_methods
 from .models import MODELS, build_model
 from .rng import derive_seed, generator
 from .schedules import scale_boundaries, step_lr
+from .teacher import load_run_teacher, teacher_identity, verify_teacher
 
 CHECK_EVERY = 50  # steps between non-finite-loss checks (each check synchronises the device)
 
@@ -61,8 +62,15 @@ def resolve(cfg: RunConfig) -> Resolved:
     spec = _lookup(MODELS, cfg.model, "model")
     _lookup(DATASETS, cfg.dataset, "dataset")
     method_cfg = method_cls.resolve_config(spec.name, cfg.method_args)
+    if method_cls.needs_teacher and not cfg.teacher:
+        raise ConfigError(f"method {method_cls.name!r} needs a teacher: pass teacher=<name in results/teachers.yaml "
+                          f"| run folder of a finished `ipsd train method=hard ...` | its checkpoint.pt>")
+    if cfg.teacher and not method_cls.needs_teacher:
+        raise ConfigError(f"method {method_cls.name!r} takes no teacher; remove teacher={cfg.teacher!r}")
+    teacher_id = teacher_identity(cfg.teacher) if cfg.teacher else None
     cfg = dataclasses.replace(cfg, method=method_cls.name, model=spec.name, dataset=cfg.dataset.lower(),
-                              lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg))
+                              lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg),
+                              teacher_id=teacher_id)
     return Resolved(cfg, method_cls, method_cfg)
 
 
@@ -107,6 +115,7 @@ def load_data(cfg: RunConfig):
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DeviceLoader, batch_size: int, autocast) -> tuple[float, float]:
     """Top-1/top-5 (%) on the full test set, shards summed across ranks."""
+    was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=loader.device)
     for x, y in loader.test_batches(batch_size):
@@ -115,9 +124,13 @@ def evaluate(model: nn.Module, loader: DeviceLoader, batch_size: int, autocast) 
         counts[:2] += accuracy_counts(logits.float(), y)
         counts[2] += len(y)
     dist.all_reduce_sum(counts)
-    model.train()
+    model.train(was_training)
     top1, top5, n = counts.tolist()
     return 100 * top1 / n, 100 * top5 / n
+
+
+def _autocast(settings: dict[str, Any], device: torch.device):
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"])
 
 
 def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -148,8 +161,10 @@ def train(cfg: RunConfig) -> Path:
 
     torch.manual_seed(derive_seed("init", cfg.seed))  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes)
+    teacher = load_run_teacher(cfg, data, device) if cfg.teacher else None
     setup = Setup(cfg.model, data.num_classes, data.image_size, len(data.train_y), cfg.epochs, cfg.batch_size,
-                  MODELS.get(cfg.model).family, tuple(model.stage_channels), model.num_features)
+                  MODELS.get(cfg.model).family, tuple(model.stage_channels), model.num_features, teacher,
+                  data.train_y.clone())
     method = res.method_cls(res.method_cfg, setup)
     if settings["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -161,6 +176,12 @@ def train(cfg: RunConfig) -> Path:
                               settings["channels_last"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if teacher is not None:  # before any training: the teacher must be the one recorded
+        verify_teacher(teacher, evaluate(teacher.model, loader, cfg.eval_batch_size, _autocast(settings, device))[0],
+                       cfg.teacher_tolerance)
+        if info.main:
+            _log(f"teacher {cfg.teacher}: {teacher.info['model']}, top-1 {teacher.info['measured_top1']:.2f} "
+                 f"(recorded {teacher.info['top1']}), sha256 {teacher.info['sha256'][:12]}")
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
@@ -185,7 +206,7 @@ def train(cfg: RunConfig) -> Path:
     task = Task(model, method)
     if info.enabled:
         task = wrap_ddp(task, device)
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"])  # noqa: E731
+    autocast = _autocast(settings, device)
     milestones = scale_boundaries(cfg.lr_milestones, cfg.epochs, cfg.schedule_ref_epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -256,12 +277,14 @@ def train(cfg: RunConfig) -> Path:
         dist.barrier()
 
     if state["epoch"] == cfg.epochs and info.main:
-        runs.atomic_write_json(folder / "result.json", _result(res, state, device, info, loader, settings))
+        runs.atomic_write_json(folder / "result.json", _result(res, state, device, info, loader, settings,
+                                                                    teacher.info if teacher else None))
     dist.barrier()
     return folder
 
 
-def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, settings) -> dict[str, Any]:
+def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, settings,
+            teacher_info: dict[str, Any] | None) -> dict[str, Any]:
     """The run record every table cell traces back to."""
     cfg, hist = res.cfg, state["history"]
     best = max(hist, key=lambda r: r["top1"])
@@ -283,6 +306,7 @@ def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, sett
         "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
         "images_per_step": loader.images_per_step,
         "peak_memory_mib": runs.peak_memory_mib(device),
+        "teacher": teacher_info,
     }
 
 

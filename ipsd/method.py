@@ -27,6 +27,7 @@ class Needs:
     pairs: bool = False  # batch.partner: an image of the same class per anchor (IPS, CS-KD)
     self_pairs: bool = False  # whether a partner may be the anchor itself
     views: int = 1  # 2: batch.view2 is a second, independent augmentation of batch.x (DDGSD, DLB)
+    strong_view2: bool = False  # view2 additionally gets RandAugment + Cutout (VRM's virtual view)
 
     @property
     def images_per_anchor(self) -> int:
@@ -68,6 +69,8 @@ class Setup:
     family: str = ""  # model family: resnet, cifar_resnet, vgg, shufflenet
     stage_channels: tuple[int, ...] = ()  # channels of the model's Features.stages
     num_features: int = 0  # width of Features.pooled
+    teacher: Any = None  # a FrozenTeacher (ipsd.teacher) for methods with needs_teacher, else None
+    train_labels: Any = None  # (N,) int64 CPU tensor of the training labels, by dataset index
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Method(nn.Module):
     """Base class. Subclasses set ``Config`` and implement ``forward(model, batch, step) -> {name: loss}``."""
 
     Config: ClassVar[type] = NoConfig
+    needs_teacher: ClassVar[bool] = False  # True: the run must name a `teacher`; it arrives as setup.teacher
     # Per-model hyper-parameter overrides from the paper: {model name: {field: value}}.
     model_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,93 @@ class FrozenTeacher:
 
     def __repr__(self) -> str:
         return f"FrozenTeacher({self.info.get('model')}, sha256={str(self.info.get('sha256'))[:12]})"
+
+
+# --- teacher references: registry names, run folders, identity, verification -------------------------
+
+REGISTRY = Path(__file__).resolve().parents[1] / "results" / "teachers.yaml"
+RUN_ID = re.compile(r"^[0-9a-f]{12}$")
+
+
+def read_registry(path: Path = REGISTRY) -> dict[str, dict[str, Any]]:
+    """``name -> {run, sha256, top1, recipe}`` from results/teachers.yaml (missing file: empty)."""
+    if not path.is_file():
+        return {}
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of teacher name -> entry")
+    return data
+
+
+def resolve_ref(ref: str) -> tuple[Path, dict[str, Any] | None]:
+    """A teacher reference -> (run folder or checkpoint path, registry entry if it was a registered name)."""
+    entry = read_registry().get(ref)
+    if entry is None:
+        return Path(ref).expanduser(), None
+    if not entry.get("run"):
+        recipe = " ".join(f"{k}={v}" for k, v in (entry.get("recipe") or {}).items())
+        raise ConfigError(f"teacher {ref!r} is registered in {REGISTRY} but not trained yet: run "
+                          f"`ipsd train method=hard {recipe}`, then `ipsd teacher register {ref} <run folder>`")
+    run = Path(entry["run"]).expanduser()
+    return (run if run.is_absolute() else REGISTRY.parents[1] / run), entry
+
+
+def teacher_identity(ref: str) -> str:
+    """What a student's identity records about its teacher: ``run:<run id>`` (a run folder's name is the
+    hash of its identity, so this is known before the teacher has trained) or the checkpoint's sha256."""
+    path, _ = resolve_ref(ref)
+    folder = path.parent if path.suffix == ".pt" else path
+    if RUN_ID.match(folder.name):
+        return f"run:{folder.name}"
+    if path.is_file():
+        return f"sha256:{sha256_file(path)}"
+    _, ckpt = locate(path)
+    return f"sha256:{sha256_file(ckpt)}"
+
+
+SAME_DATA_KEYS = ("dataset", "classes", "test_per_class")
+
+
+def load_run_teacher(cfg: Any, data: Any, device: torch.device) -> FrozenTeacher:
+    """The run's teacher, frozen on ``device``: checksum verified against the registry, trained on the same
+    data (dataset, classes, test split), finished; its test accuracy is re-measured by the engine next."""
+    path, entry = resolve_ref(cfg.teacher)
+    teacher = FrozenTeacher.load(path, num_classes=data.num_classes, sha256=(entry or {}).get("sha256"))
+    folder, _ = locate(path)
+    recorded = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    for key in SAME_DATA_KEYS:
+        if recorded.get(key) != getattr(cfg, key):
+            raise ConfigError(f"teacher {cfg.teacher!r} was trained with {key}={recorded.get(key)!r} but this run has "
+                              f"{key}={getattr(cfg, key)!r}; a teacher must see the student's dataset and test split")
+    top1 = (entry or {}).get("top1", teacher.info["top1"])
+    if top1 is None:
+        raise ConfigError(f"teacher {cfg.teacher!r} is unfinished (no result.json): finish its run first")
+    teacher.info.update(ref=cfg.teacher, name=cfg.teacher if entry else None, top1=top1)
+    teacher.model.to(device)
+    return teacher
+
+
+def verify_teacher(teacher: FrozenTeacher, measured_top1: float, tolerance: float) -> None:
+    """Stop before training if the teacher's re-measured test accuracy is not the recorded one."""
+    teacher.info["measured_top1"] = measured_top1
+    recorded = teacher.info["top1"]
+    if abs(measured_top1 - recorded) > tolerance:
+        raise ConfigError(f"teacher {teacher.info.get('ref')!r}: re-measured test top-1 {measured_top1:.2f} differs "
+                          f"from the recorded {recorded:.2f} by more than teacher_tolerance={tolerance}; wrong "
+                          f"checkpoint, data or normalisation?")
+
+
+def register(name: str, run: str | Path, path: Path = REGISTRY) -> dict[str, Any]:
+    """Record a finished run as the named teacher: its folder, checkpoint sha256 and test top-1."""
+    folder, ckpt = locate(run)
+    result_file = folder / RESULT_FILE
+    if not result_file.is_file():
+        raise ConfigError(f"{folder} has no {RESULT_FILE}: only a finished run can be registered as a teacher")
+    result = json.loads(result_file.read_text())
+    entries = read_registry(path)
+    entries[name] = {**entries.get(name, {}), "run": str(folder.resolve()), "sha256": sha256_file(ckpt),
+                     "top1": result["final"]["top1"], "model": result["model"], "dataset": result["dataset"]}
+    from .runs import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(entries, sort_keys=True))
+    return entries[name]

@@ -84,6 +84,12 @@ class DeviceLoader:
         where = (rows[:, :, None] * (s + 2 * PAD) + cols[:, None, :]).view(b, 1, s * s)
         return padded.gather(2, where.expand(-1, padded.shape[1], -1)).view(b, -1, s, s)
 
+    def strong_augment(self, idx: Tensor, g: torch.Generator) -> Tensor:
+        """Crop + flip, then per-sample RandAugment and Cutout on the device (VRM's virtual view)."""
+        from .randaugment import rand_augment
+
+        return self.normalise(rand_augment(self.crop_flip(idx, g), g))
+
     def normalise(self, x_u8: Tensor) -> Tensor:
         x = x_u8.float() * self.scale + self.shift
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -105,7 +111,7 @@ class DeviceLoader:
                 pidx = mine_partner[start : start + self.local_batch]
                 batch.partner, batch.partner_index = self.augment(pidx, g_aug), pidx
             if self.needs.views == 2:
-                batch.view2 = self.augment(idx, g_aug)
+                batch.view2 = self.strong_augment(idx, g_aug) if self.needs.strong_view2 else self.augment(idx, g_aug)
             yield batch
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
