@@ -77,16 +77,21 @@ class CRDConfig:
 
 class ClassTable:
     """Training indices grouped by class: ``order`` lists indices class by class; class c occupies
-    ``order[start[c] : start[c] + count[c]]``."""
+    ``order[start[c] : start[c] + count[c]]``. ``pool_min``/``pool_max``: the fewest/most other-class
+    samples any present class has (Python ints, so drawing needs no device sync)."""
 
-    def __init__(self, order: Tensor, start: Tensor, count: Tensor):
+    def __init__(self, order: Tensor, start: Tensor, count: Tensor, pool_min: int, pool_max: int):
         self.order, self.start, self.count = order, start, count
+        self.pool_min, self.pool_max = pool_min, pool_max
 
     @classmethod
     def from_labels(cls, labels: Tensor, num_classes: int) -> "ClassTable":
         labels = labels.long()
         count = torch.bincount(labels, minlength=num_classes)
-        return cls(torch.argsort(labels, stable=True), torch.cumsum(count, 0) - count, count)
+        present = count[count > 0]
+        n = len(labels)
+        return cls(torch.argsort(labels, stable=True), torch.cumsum(count, 0) - count, count,
+                   n - int(present.max()), n - int(present.min()))
 
 
 def draw_negatives(cls: Tensor, k: int, table: ClassTable, g: torch.Generator) -> Tensor:
@@ -96,8 +101,7 @@ def draw_negatives(cls: Tensor, k: int, table: ClassTable, g: torch.Generator) -
     n, b = len(order), len(cls)
     lo, size = start[cls][:, None], count[cls][:, None]
     pool = n - size  # (B, 1) other-class samples per row
-    present = count[count > 0]
-    pool_min, pool_max = n - int(present.max()), n - int(present.min())
+    pool_min, pool_max = table.pool_min, table.pool_max
     if pool_min < 1:
         raise ValueError("CRD needs at least two classes in the training set")
     exact = None
@@ -149,7 +153,7 @@ class CRD(Method):
             raise ConfigError(f"crd: setup.train_labels has shape {tuple(labels.shape)}, "
                               f"expected ({setup.train_size},) (one label per training index)")
         table = ClassTable.from_labels(labels, max(setup.num_classes, int(labels.max()) + 1))
-        if int((table.count > 0).sum()) < 2:
+        if table.pool_min < 1:
             raise ConfigError("crd draws negatives from other classes: the training set needs at least 2 classes")
         self.teacher = teacher  # a FrozenTeacher: a plain attribute, never a submodule
         self.n_data = setup.train_size
@@ -166,12 +170,13 @@ class CRD(Method):
         self.register_buffer("_start", table.start, persistent=False)
         self.register_buffer("_count", table.count, persistent=False)
         self.register_buffer("_label", labels, persistent=False)
+        self._pools = (table.pool_min, table.pool_max)
         self._z_fixed: bool | None = None  # cache of (Z > 0): avoids a device sync per step
         self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_z_fixed", None))
 
     @property
     def table(self) -> ClassTable:
-        return ClassTable(self._order, self._start, self._count)
+        return ClassTable(self._order, self._start, self._count, *self._pools)
 
     def contrast_indices(self, index: Tensor, g: torch.Generator) -> Tensor:
         """(B, 1 + K) bank rows to score per anchor: the positive, then K other-class negatives."""
@@ -186,12 +191,7 @@ class CRD(Method):
         return torch.exp(torch.bmm(rows, anchor.unsqueeze(2)).squeeze(2) / tau)
 
     def _fix_z(self, v: Tensor, u: Tensor) -> None:
-        """First training step: Z = N * mean(exp(score / tau)) over the global step's scores; the banks
-        are made identical to rank 0's before anything is scored (see module doc)."""
-        if self._z_fixed is None:
-            self._z_fixed = bool(self.z_s.item() > 0)
-        if self._z_fixed:
-            return
+        """First training step: Z = N * mean(exp(score / tau)) over the global step's scores."""
         stats = torch.stack([v.detach().sum(), u.detach().sum(), v.new_tensor(float(v.numel()))]).double()
         dist.all_reduce_sum(stats)
         self.z_s.fill_(self.n_data * float(stats[0] / stats[2]))
@@ -203,7 +203,7 @@ class CRD(Method):
         """M[index] <- normalize(m M[index] + (1 - m) g) with every rank's rows, identically on all ranks."""
         index = dist.all_gather_cat(index)
         m = self.cfg.nce_m
-        for bank, g in ((self.memory_s, dist.all_gather_cat(g_s)), (self.memory_t, dist.all_gather_cat(g_t))):
+        for bank, g in ((self.memory_s, g_s), (self.memory_t, g_t)):
             rows = bank.index_select(0, index).mul_(m).add_(g, alpha=1.0 - m)
             bank.index_copy_(0, index, F.normalize(rows, dim=1))
 
@@ -214,15 +214,19 @@ class CRD(Method):
         losses = {"ce": c.gamma * ce(logits, batch.y)}
         if c.alpha > 0:
             losses["kd"] = c.alpha * kl_t2(t_logits, logits, c.T)
-        if self._z_fixed is not True and not bool(self.z_s.item() > 0):
-            dist.broadcast_buffers(self)  # first step of a fresh run: start from rank 0's banks
+        if self._z_fixed is None:
+            self._z_fixed = bool(self.z_s.item() > 0)
+        first = not self._z_fixed
+        if first:
+            dist.broadcast_buffers(self)  # first step of a fresh run: every rank starts from rank 0's banks
         idx = self.contrast_indices(batch.index, step.generator)
         with torch.autocast(batch.x.device.type, enabled=False):
             g_s = F.normalize(self.embed_s(feats.pooled.float()), dim=1)
             g_t = F.normalize(self.embed_t(t_feats.pooled.float()), dim=1)
             v = self._exp_scores(self.memory_t, idx, g_s, c.nce_t)
             u = self._exp_scores(self.memory_s, idx, g_t, c.nce_t)
-            self._fix_z(v, u)
+            if first:
+                self._fix_z(v, u)
             crd = nce_loss(v / self.z_s, self.n_data) + nce_loss(u / self.z_t, self.n_data)
             self._update_banks(batch.index, g_s.detach(), g_t.detach())
         losses["crd"] = c.beta * crd

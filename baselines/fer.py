@@ -25,6 +25,7 @@ cells empty; this implementation allows it with mu = 1.0, but such a run reprodu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ class FERConfig:
 @register_method("fer")
 class FER(Method):
     Config = FERConfig
-    model_defaults = {"shufflenetv1": {"mu": 0.5}, "shufflenetv2": {"mu": 0.5}}
+    model_defaults: ClassVar[dict[str, dict[str, Any]]] = {"shufflenetv1": {"mu": 0.5}, "shufflenetv2": {"mu": 0.5}}
 
     def __init__(self, cfg: FERConfig, setup: Setup):
         super().__init__(cfg, setup)

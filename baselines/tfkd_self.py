@@ -13,6 +13,10 @@ Per-model settings (TF-KD ``params.json``): ResNet18 T=6, a=0.95, m=50; ShuffleN
 ResNet50 T=6, a=0.95 with m not given (assumed 50, the ResNet18 value). Every other model is assumed to
 take the ResNet18 setting, except ShuffleNetV1, which takes the ShuffleNetV2 setting (same family and
 LR, as the spec recommends for TF-KD_reg).
+
+The teacher comes from ``method_args.teacher`` (a run folder or checkpoint, optionally pinned by
+``teacher_sha256``); if the engine passes a run-level teacher as ``setup.teacher`` it is used instead (its
+architecture is checked the same way), and giving both is refused.
 """
 from __future__ import annotations
 
@@ -45,14 +49,23 @@ class TFKDSelf(Method):
 
     def __init__(self, cfg: TFKDSelfConfig, setup: Setup):
         super().__init__(cfg, setup)
-        if cfg.teacher is None:
+        run_teacher = getattr(setup, "teacher", None)  # the engine's run-level teacher, if it passes one
+        if run_teacher is not None and cfg.teacher is not None:
+            raise ConfigError("tfkd_self got two teachers (the run's `teacher` and method_args.teacher); pass one")
+        if run_teacher is None and cfg.teacher is None:
             raise ConfigError(
                 f"tfkd_self needs a pretrained teacher of the same architecture: first run "
                 f"`ipsd train method=hard model={setup.model} ...` (same dataset), then pass its run folder "
                 f"as method_args.teacher=<folder> (or its checkpoint.pt)")
-        # A plain attribute, not a submodule: see FrozenTeacher.
-        self.teacher = FrozenTeacher.load(cfg.teacher, model=setup.model, num_classes=setup.num_classes,
-                                          sha256=cfg.teacher_sha256)
+        if run_teacher is not None:
+            if run_teacher.info.get("model") != setup.model:
+                raise ConfigError(f"tfkd_self: the teacher is a {run_teacher.info.get('model')}, but TF-KD_self needs "
+                                  f"the student's architecture ({setup.model})")
+            self.teacher = run_teacher
+        else:
+            # A plain attribute, not a submodule: see FrozenTeacher.
+            self.teacher = FrozenTeacher.load(cfg.teacher, model=setup.model, num_classes=setup.num_classes,
+                                              sha256=cfg.teacher_sha256)
 
     def forward(self, model, batch, step):
         c = self.cfg

@@ -48,6 +48,20 @@ def _report(args: argparse.Namespace) -> None:
     print(report(args.config, args.profile, args.overrides, args.format, "best" if args.best else "last"))
 
 
+def _teacher(args: argparse.Namespace) -> None:
+    from .teacher import REGISTRY, read_registry, register
+
+    if args.action == "register":
+        if not (args.name and args.run):
+            raise ConfigError("usage: ipsd teacher register NAME RUN_FOLDER")
+        entry = register(args.name, args.run)
+        print(f"registered {args.name}: {entry['model']} on {entry['dataset']}, top-1 {entry['top1']:.2f}, "
+              f"sha256 {entry['sha256'][:12]} in {REGISTRY}")
+    else:
+        for name, e in sorted(read_registry().items()):
+            print(f"{name}: {e.get('model', '?')} top-1 {e.get('top1')} run {e.get('run') or '(not trained yet)'}")
+
+
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .method import load_methods
@@ -104,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--best", action="store_true", help="best epoch (selected on the test set) instead of the last")
     p.add_argument("overrides", nargs="*", help="the same key=value overrides the sweep used (e.g. out=...)")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser("teacher", help="teacher registry (results/teachers.yaml): list | register NAME RUN_FOLDER")
+    p.add_argument("action", choices=("list", "register"))
+    p.add_argument("name", nargs="?")
+    p.add_argument("run", nargs="?")
+    p.set_defaults(func=_teacher)
 
     p = sub.add_parser("list", help="registered methods, models and datasets")
     p.set_defaults(func=_list)

@@ -164,8 +164,9 @@ REGISTRY = Path(__file__).resolve().parents[1] / "results" / "teachers.yaml"
 RUN_ID = re.compile(r"^[0-9a-f]{12}$")
 
 
-def read_registry(path: Path = REGISTRY) -> dict[str, dict[str, Any]]:
+def read_registry(path: Path | None = None) -> dict[str, dict[str, Any]]:
     """``name -> {run, sha256, top1, recipe}`` from results/teachers.yaml (missing file: empty)."""
+    path = path or REGISTRY
     if not path.is_file():
         return {}
     data = yaml.safe_load(path.read_text()) or {}
@@ -232,8 +233,9 @@ def verify_teacher(teacher: FrozenTeacher, measured_top1: float, tolerance: floa
                           f"checkpoint, data or normalisation?")
 
 
-def register(name: str, run: str | Path, path: Path = REGISTRY) -> dict[str, Any]:
+def register(name: str, run: str | Path, path: Path | None = None) -> dict[str, Any]:
     """Record a finished run as the named teacher: its folder, checkpoint sha256 and test top-1."""
+    path = path or REGISTRY
     folder, ckpt = locate(run)
     result_file = folder / RESULT_FILE
     if not result_file.is_file():

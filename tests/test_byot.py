@@ -105,7 +105,7 @@ def test_paper_form_equals_reference(feature):
 
 @pytest.mark.parametrize("form", ["final", "paper"])
 def test_teacher_gets_no_gradient_from_distillation_terms(form):
-    model, method, heads_out = make(form=form)
+    model, method, _ = make(form=form)
     losses = method(model, batch(), STEP)
     (losses["kd"] + losses.get("feat", 0)).backward(retain_graph=True)
     z_deep = model.calls[0][0]

@@ -277,3 +277,17 @@ def test_engine_run_keeps_teacher_out_of_the_checkpoint(teacher_dir, tmp_path):
     assert hashlib.sha256((teacher_dir / "checkpoint.pt").read_bytes()).hexdigest() == digest
     loss = json.loads((folder / "result.json").read_text())["curve"][0]["loss"]
     assert set(loss) == {"ce", "kd"} and loss["kd"] > 0
+
+
+def test_run_level_teacher_from_setup(teacher_dir):
+    """A teacher the engine passes as ``setup.teacher`` is used (architecture checked); two teachers are refused."""
+    import dataclasses
+
+    frozen = FrozenTeacher.load(teacher_dir)
+    s = dataclasses.replace(setup("resnet8", 10), teacher=frozen)
+    method = SELF(SELF.resolve_config("resnet8", {}), s)
+    assert method.teacher is frozen and method.state_dict() == {}
+    with pytest.raises(ConfigError, match="two teachers"):
+        SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir)}), s)
+    with pytest.raises(ConfigError, match=r"teacher is a resnet8.*\(resnet20\)"):
+        SELF(SELF.resolve_config("resnet20", {}), dataclasses.replace(setup("resnet20", 10), teacher=frozen))
