@@ -145,7 +145,7 @@ class CRD(Method):
         teacher = setup.teacher
         if teacher is None:
             raise ConfigError("crd needs a teacher: pass teacher=<name, run folder or checkpoint>")
-        labels = getattr(setup, "train_labels", None)
+        labels = setup.train_labels
         if labels is None:
             raise ConfigError("crd needs the class of every training index (setup.train_labels)")
         labels = torch.as_tensor(labels).long().cpu()
@@ -203,7 +203,7 @@ class CRD(Method):
         """M[index] <- normalize(m M[index] + (1 - m) g) with every rank's rows, identically on all ranks."""
         index = dist.all_gather_cat(index)
         m = self.cfg.nce_m
-        for bank, g in ((self.memory_s, g_s), (self.memory_t, g_t)):
+        for bank, g in ((self.memory_s, dist.all_gather_cat(g_s)), (self.memory_t, dist.all_gather_cat(g_t))):
             rows = bank.index_select(0, index).mul_(m).add_(g, alpha=1.0 - m)
             bank.index_copy_(0, index, F.normalize(rows, dim=1))
 

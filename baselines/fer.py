@@ -44,7 +44,7 @@ class FERConfig:
     mu: float = param(1.0, lo=0, lo_open=True,
                       doc="memory update rate w = 1 - exp(-mu p_y); ResNet18 1.0, ShuffleV2 0.5 (official); "
                           "assumed 1.0 for other ResNets and VGG (no official VGG), 0.5 for ShuffleV1")
-    e_init: int = param(1, lo=0, doc="epochs of plain CE; the memory is first filled in epoch e_init")
+    e_init: int = param(1, lo=0, doc="epochs of plain CE; the memory is first updated in epoch e_init (epoch 1 if 0)")
 
 
 @register_method("fer")

@@ -19,6 +19,7 @@ for ResNet34/50/101, VGG13/16 and the small CIFAR ResNets, the ShuffleNetV2 sett
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -59,7 +60,7 @@ def teacher_distribution(y: Tensor, num_classes: int, correct_prob: float, T: fl
 @register_method("tfkd_reg")
 class TFKDReg(Method):
     Config = TFKDRegConfig
-    model_defaults = {"shufflenetv2": dict(SHUFFLE), "shufflenetv1": dict(SHUFFLE)}
+    model_defaults: ClassVar[dict[str, dict[str, Any]]] = {"shufflenetv2": dict(SHUFFLE), "shufflenetv1": dict(SHUFFLE)}
 
     def __init__(self, cfg: TFKDRegConfig, setup: Setup):
         super().__init__(cfg, setup)

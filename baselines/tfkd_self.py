@@ -21,6 +21,7 @@ architecture is checked the same way), and giving both is refused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from ipsd.config import ConfigError, param
 from ipsd.losses import ce, kl_t2
@@ -44,8 +45,10 @@ class TFKDSelfConfig:
 @register_method("tfkd_self")
 class TFKDSelf(Method):
     Config = TFKDSelfConfig
-    model_defaults = {"shufflenetv2": dict(SHUFFLE), "shufflenetv1": dict(SHUFFLE),
-                      "resnet50": {"T": 6.0, "alpha": 0.95, "multiplier": 50.0}}
+    model_defaults: ClassVar[dict[str, dict[str, Any]]] = {
+        "shufflenetv2": dict(SHUFFLE), "shufflenetv1": dict(SHUFFLE),
+        "resnet50": {"T": 6.0, "alpha": 0.95, "multiplier": 50.0},
+    }
 
     def __init__(self, cfg: TFKDSelfConfig, setup: Setup):
         super().__init__(cfg, setup)

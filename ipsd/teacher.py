@@ -136,7 +136,7 @@ class FrozenTeacher:
         self.info = dict(info or {})
 
     @classmethod
-    def load(cls, ref: str | Path, **expect: Any) -> "FrozenTeacher":
+    def load(cls, ref: str | Path, **expect: Any) -> FrozenTeacher:
         """``load_teacher(ref, **expect)`` wrapped; weights stay on the CPU until the first batch."""
         return cls(*load_teacher(ref, **expect))
 

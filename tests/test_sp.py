@@ -140,15 +140,16 @@ def full_batch():
     return Batch(x=torch.randn(8, 12, generator=g), y=torch.arange(8) % 4, index=torch.arange(8))
 
 
-def _worker(rank, port, out, relations):
+def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    task = wrap_ddp(make_task(relations), torch.device("cpu"))
     b = full_batch()
     s = slice(4 * rank, 4 * rank + 4)
-    losses = task(Batch(x=b.x[s], y=b.y[s], index=b.index[s]), step())
-    sum(losses.values()).backward()
-    torch.save([losses["sp"].detach(), task.module.model.w.grad], f"{out}/{relations}{rank}.pt")
+    for relations in ("global", "local"):
+        task = wrap_ddp(make_task(relations), torch.device("cpu"))
+        losses = task(Batch(x=b.x[s], y=b.y[s], index=b.index[s]), step())
+        sum(losses.values()).backward()
+        torch.save([losses["sp"].detach(), task.module.model.w.grad], f"{out}/{relations}{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -158,11 +159,11 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned processes (a few seconds of imports)
 def test_global_relations_under_ddp_equal_the_single_process_batch(tmp_path):
     """Two ranks with 4 samples each: relations='global' gives the 8-sample loss and gradient exactly
     (all-gather with gradient + DDP averaging); 'local' gives per-rank losses that differ."""
-    for relations in ("global", "local"):
-        mp.spawn(_worker, args=(free_port(), str(tmp_path), relations), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     task = make_task("global")
     losses = task(full_batch(), step())
     losses["sp"].backward()

@@ -175,7 +175,7 @@ def test_load_teacher_record_and_frozen_state(teacher_dir):
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     saved = torch.load(ckpt_file, weights_only=False)["model"]
     assert all(torch.equal(saved[k], v) for k, v in net.state_dict().items())
-    net2, info2 = load_teacher(ckpt_file)  # a checkpoint path works too
+    _, info2 = load_teacher(ckpt_file)  # a checkpoint path works too
     assert info2 == info
 
 
