@@ -1,6 +1,5 @@
 """Every registered method trains two epochs on a real CIFAR-10 subset on CPU, deterministically,
 and a run stopped after epoch 1 and resumed ends exactly where an uninterrupted run does."""
-import dataclasses
 import json
 
 import pytest
@@ -16,7 +15,7 @@ BASE = ["model=resnet8", "dataset=cifar10", "per_class=20", "test_per_class=10",
 
 
 def needs_teacher(name: str) -> bool:
-    return any(f.name == "teacher" for f in dataclasses.fields(load_methods().get(name).Config))
+    return load_methods().get(name).needs_teacher
 
 
 @pytest.fixture(scope="session")
@@ -45,7 +44,7 @@ def assert_same_tensors(a, b, what: str):
 def test_method_trains_and_resumes_exactly(method, cifar10_root, tmp_path, request):
     args = [*BASE, f"method={method}", f"data_root={cifar10_root}"]
     if needs_teacher(method):
-        args.append(f"method_args.teacher={request.getfixturevalue('teacher_run')}")
+        args.append(f"teacher={request.getfixturevalue('teacher_run')}")
     full = train(load_run_config(None, [*args, f"out={tmp_path / 'full'}"]))
     part = train(load_run_config(None, [*args, f"out={tmp_path / 'part'}", "stop_after=1"]))
     assert not (part / "result.json").exists()

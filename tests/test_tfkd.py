@@ -19,8 +19,13 @@ METHODS = load_methods()
 REG, SELF = METHODS.get("tfkd_reg"), METHODS.get("tfkd_self")
 
 
-def setup(model="resnet18", classes=5):
-    return Setup(model, num_classes=classes, image_size=32, train_size=100, epochs=240, batch_size=6)
+def setup(model="resnet18", classes=5, teacher=None):
+    return Setup(model, num_classes=classes, image_size=32, train_size=100, epochs=240, batch_size=6, teacher=teacher)
+
+
+def self_method(teacher_dir, model="resnet8", classes=10, **args):
+    """TF-KD_self as the engine builds it: the run-level teacher arrives in setup.teacher."""
+    return SELF(SELF.resolve_config(model, args), setup(model, classes, FrozenTeacher.load(teacher_dir)))
 
 
 class LinearProbe(nn.Module):
@@ -180,19 +185,18 @@ def test_load_teacher_record_and_frozen_state(teacher_dir):
 
 
 def test_teacher_refusals(teacher_dir, tmp_path):
-    with pytest.raises(ConfigError, match="method_args.teacher=<folder>"):
-        SELF(SELF.resolve_config("resnet8", {}), setup("resnet8", 10))
-    with pytest.raises(ConfigError, match="does not exist"):
-        SELF(SELF.resolve_config("resnet8", {"teacher": str(tmp_path / "nope")}), setup("resnet8", 10))
-    with pytest.raises(ConfigError, match="config.yaml is missing"):
-        SELF(SELF.resolve_config("resnet8", {"teacher": str(tmp_path)}), setup("resnet8", 10))
     with pytest.raises(ConfigError, match=r"is a resnet8.*student's architecture \(resnet20\)"):
-        SELF(SELF.resolve_config("resnet20", {"teacher": str(teacher_dir)}), setup("resnet20", 10))
+        self_method(teacher_dir, model="resnet20")
+    with pytest.raises(ConfigError, match="does not exist"):
+        FrozenTeacher.load(tmp_path / "nope")
+    with pytest.raises(ConfigError, match="config.yaml is missing"):
+        FrozenTeacher.load(tmp_path)
     with pytest.raises(ConfigError, match="predicts 10 classes but the student's data has 100"):
-        SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir)}), setup("resnet8", 100))
+        FrozenTeacher.load(teacher_dir, num_classes=100)
     with pytest.raises(ConfigError, match="not the pinned"):
-        SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir), "teacher_sha256": "0" * 64}),
-             setup("resnet8", 10))
+        FrozenTeacher.load(teacher_dir, sha256="0" * 64)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        train(load_run_config(None, ["method=tfkd_self", "model=resnet8", "dataset=digits", f"out={tmp_path}"]))
 
 
 def test_unfinished_teacher_warns(teacher_dir, tmp_path):
@@ -206,7 +210,7 @@ def test_unfinished_teacher_warns(teacher_dir, tmp_path):
 
 def test_teacher_is_outside_optimizer_checkpoint_ddp_and_never_changes(teacher_dir):
     torch.manual_seed(0)
-    method = SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir)}), setup("resnet8", 10))
+    method = self_method(teacher_dir)
     teacher = method.teacher.model
     student = build_model("resnet8", 10)
     method.to("cpu")
@@ -238,8 +242,7 @@ def test_teacher_is_outside_optimizer_checkpoint_ddp_and_never_changes(teacher_d
 
 def test_self_loss_equals_reference_and_gradient_reaches_only_the_student(teacher_dir):
     T, alpha, m = 3.0, 0.7, 5.0
-    method = SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir), "T": T, "alpha": alpha,
-                                                  "multiplier": m}), setup("resnet8", 10))
+    method = self_method(teacher_dir, T=T, alpha=alpha, multiplier=m)
     teacher_probe = LinearProbe(classes=10, seed=1)
     method.teacher = FrozenTeacher(teacher_probe)  # a teacher whose logits the test can read
     model, batch = LinearProbe(classes=10), make_batch(classes=10)
@@ -257,37 +260,24 @@ def test_self_loss_equals_reference_and_gradient_reaches_only_the_student(teache
 
 def test_self_per_model_defaults():
     def key(model):
-        c = SELF.resolve_config(model, {"teacher": "x"})
+        c = SELF.resolve_config(model, {})
         return c.T, c.alpha, c.multiplier
 
     assert key("resnet18") == key("resnet50") == key("vgg13") == key("resnet8") == (6.0, 0.95, 50.0)
     assert key("shufflenetv2") == key("shufflenetv1") == (20.0, 0.95, 1.0)
-    assert SELF.resolve_config("resnet18", {}).teacher is None
-    with pytest.raises(ConfigError, match="teacher"):
-        SELF.resolve_config("resnet18", {"teacher": 3})
+    with pytest.raises(ConfigError, match="unknown key 'method_args.teacher'"):
+        SELF.resolve_config("resnet18", {"teacher": "x"})  # the teacher is a run-level key, not a method argument
 
 
 def test_engine_run_keeps_teacher_out_of_the_checkpoint(teacher_dir, tmp_path):
     digest = hashlib.sha256((teacher_dir / "checkpoint.pt").read_bytes()).hexdigest()
     folder = train(load_run_config(None, ["method=tfkd_self", "model=resnet8", "dataset=digits", "per_class=10",
                                           "test_per_class=5", "epochs=1", f"out={tmp_path}", "progress=false",
-                                          f"method_args.teacher={teacher_dir}"]))
+                                          f"teacher={teacher_dir}"]))
     ckpt = torch.load(folder / "checkpoint.pt", weights_only=False)
     assert len(ckpt["method"]) == 0
     assert hashlib.sha256((teacher_dir / "checkpoint.pt").read_bytes()).hexdigest() == digest
     loss = json.loads((folder / "result.json").read_text())["curve"][0]["loss"]
     assert set(loss) == {"ce", "kd"} and loss["kd"] > 0
-
-
-def test_run_level_teacher_from_setup(teacher_dir):
-    """A teacher the engine passes as ``setup.teacher`` is used (architecture checked); two teachers are refused."""
-    import dataclasses
-
-    frozen = FrozenTeacher.load(teacher_dir)
-    s = dataclasses.replace(setup("resnet8", 10), teacher=frozen)
-    method = SELF(SELF.resolve_config("resnet8", {}), s)
-    assert method.teacher is frozen and method.state_dict() == {}
-    with pytest.raises(ConfigError, match="two teachers"):
-        SELF(SELF.resolve_config("resnet8", {"teacher": str(teacher_dir)}), s)
-    with pytest.raises(ConfigError, match=r"teacher is a resnet8.*\(resnet20\)"):
-        SELF(SELF.resolve_config("resnet20", {}), dataclasses.replace(setup("resnet20", 10), teacher=frozen))
+    recorded = json.loads((folder / "result.json").read_text())["teacher"]
+    assert recorded["sha256"] == digest and recorded["model"] == "resnet8"
