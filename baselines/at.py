@@ -23,6 +23,9 @@ a 3-stage CIFAR ResNet student), RepDistiller's ``zip`` pairs the first min(n_s,
 ``unequal_stages="first"``; ``"last"`` pairs the deepest ones instead. The Table-4 pairs (4 vs 4) never
 hit this.
 
+Under DDP nothing needs gathering: the loss is a per-sample mean and the loader gives every rank an
+equal shard, so DDP's gradient average equals the single-process gradient.
+
 Per-step cost: one teacher forward plus the student's forward and backward; the loss is an elementwise
 pass over the tapped maps (about 0.5 M values per image for a ResNet50 teacher), negligible.
 """

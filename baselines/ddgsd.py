@@ -27,7 +27,15 @@ from torch import Tensor, nn
 
 from ipsd.config import param
 from ipsd.losses import ce, kl_t2
-from ipsd.method import Batch, Method, Needs, Setup, Step, forward_views, register_method
+from ipsd.method import (
+    Batch,
+    Method,
+    Needs,
+    Setup,
+    Step,
+    forward_views,
+    register_method,
+)
 
 
 @dataclass

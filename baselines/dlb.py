@@ -49,7 +49,15 @@ from torch import Tensor, nn
 from ipsd import dist
 from ipsd.config import param
 from ipsd.losses import ce, kl_t2
-from ipsd.method import Batch, Method, Needs, Setup, Step, forward_views, register_method
+from ipsd.method import (
+    Batch,
+    Method,
+    Needs,
+    Setup,
+    Step,
+    forward_views,
+    register_method,
+)
 
 
 @dataclass

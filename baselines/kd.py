@@ -17,8 +17,9 @@ for a shared module (ipsd/losses.py or ipsd/teacher.py).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,6 @@ from ipsd.config import ConfigError, param
 from ipsd.dist import all_gather_cat
 from ipsd.losses import ce, kl_t2
 from ipsd.method import Method, Setup, register_method
-
 
 # ------------------------------------------------------------------ shared by the teacher-based baselines
 

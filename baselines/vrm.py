@@ -112,6 +112,29 @@ class VRMConfig:
 
 # ------------------------------------------------------------------------------------------ graph pieces
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch.distributed.nn.functional.all_gather's backward on gloo (all_to_all) reads a non-contiguous
+    gradient in the wrong element order -- silently wrong gradients (e.g. when the gathered matrix is used
+    transposed, as ICV does). Placed right after the gather, the gradient that reaches it is contiguous.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+
+def gather_global(t: Tensor) -> Tensor:
+    """All ranks' rows (``baselines.kd.gather_rows``: gradient to each rank's own rows), contiguity-safe."""
+    out = gather_rows(t)
+    return _ContiguousGrad.apply(out) if out is not t and out.requires_grad else out
+
+
 def zsnorm(z: Tensor, eps: float = 1e-7) -> Tensor:
     """Per-sample z-score over classes: (z - mean) / (std + eps), unbiased std (as LSKD's normalisation)."""
     return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + eps)
@@ -238,7 +261,7 @@ class VRM(Method):
             t, tv = zsnorm(t), zsnorm(tv)
         raw, raw_v = z.detach(), zv.detach()  # pruning uses the student's own predictions, no gradient
         if c.relations == "global":
-            s, sv, t, tv, raw, raw_v = (gather_rows(x) for x in (s, sv, t, tv, raw, raw_v))
+            s, sv, t, tv, raw, raw_v = (gather_global(x) for x in (s, sv, t, tv, raw, raw_v))
         keep = keep_mask(joint_entropy(raw, raw_v, c.entropy_T, c.joint_entropy), c.prune_m)
         isv = edge_distance(isv_edges(s, sv, c.edge_eps), isv_edges(t, tv, c.edge_eps), keep, c.distance)
         keep_icv = None

@@ -31,7 +31,9 @@ SPEC_COST = {
     "hard": "B fwd+bwd", "ls": "B fwd+bwd", "disturb": "B fwd+bwd", "tfkd_reg": "B fwd+bwd",
     "tfkd_self": "B fwd+bwd + B teacher fwd", "cskd": "B fwd+bwd + B fwd no-grad", "ols": "B fwd+bwd",
     "fer": "B fwd+bwd", "ddgsd": "2B fwd+bwd", "dlb": "2B fwd+bwd", "byot": "B fwd+bwd + aux heads",
-    "ips": "2B fwd+bwd",
+    "ips": "2B fwd+bwd", "kd": "B fwd+bwd + B teacher fwd", "at": "B fwd+bwd + B teacher fwd",
+    "sp": "B fwd+bwd + B teacher fwd", "rkd": "B fwd+bwd + B teacher fwd (+ B^3 D angle term)",
+    "crd": "B fwd+bwd + B teacher fwd + 2B(K+1)x128 bank gather", "vrm": "2B fwd+bwd + 2B teacher fwd",
 }
 
 
@@ -145,8 +147,14 @@ class StepBench:
         cls = load_methods().get(method_name)
         torch.manual_seed(0)
         model = build_model(self.model_name, self.data.num_classes).to(self.device)
+        teacher = None
+        if cls.needs_teacher:  # cost only: a randomly initialised teacher of the student's architecture
+            from .teacher import FrozenTeacher
+
+            teacher = FrozenTeacher(build_model(self.model_name, self.data.num_classes), {"model": self.model_name})
         setup = Setup(self.model_name, self.data.num_classes, self.data.image_size, len(self.data.train_y), 240,
-                      batch, MODELS.get(self.model_name).family, tuple(model.stage_channels), model.num_features)
+                      batch, MODELS.get(self.model_name).family, tuple(model.stage_channels), model.num_features,
+                      teacher, self.data.train_y.clone())
         method: Method = cls(cls.resolve_config(self.model_name, args or {}), setup).to(self.device)
         loader = DeviceLoader(self.data, self.device, batch, method.needs, seed=0)
         params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
@@ -230,7 +238,8 @@ def run_bench(json_path: str | None = None, device_pref: str = "auto", quick: bo
         rows.append([name, r["images_per_step"], f"{rel['step_time_vs_hard']:.2f}", f"{rel['memory_vs_hard']:.2f}",
                      SPEC_COST.get(name, getattr(cls, "__doc__", "") or ""), ""])
     memory_kind = "peak CUDA memory" if device.type == "cuda" else "activations saved for backward"
-    print(f"\nper method at batch 64 ({model}); memory = {memory_kind}")
+    print(f"\nper method at batch 64 ({model}; teacher methods use a teacher of the same architecture); "
+          f"memory = {memory_kind}")
     print(tabulate(rows, headers=["method", "images/step", "step time / hard", "memory / hard", "spec cost", ""]))
     out["methods"] = per_method
     if json_path:

@@ -7,6 +7,7 @@ epoch and writes ``result.json`` on completion.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from . import dist, runs
 from .config import ConfigError, RunConfig, to_dict
-from .data import DATASETS, load_dataset, subset
+from .data import DATASETS, load_dataset, resolve_root, subset
 from .data.loader import DeviceLoader
 from .losses import accuracy_counts
 from .method import METHODS, Method, Setup, Step, load_methods
@@ -99,8 +100,15 @@ def wrap_ddp(task: Task, device: torch.device) -> DDP:
     return DDP(task, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+@functools.lru_cache(maxsize=2)
+def _dataset(name: str, root: str | None, download: bool):
+    """Datasets read and verified once per process (sweeps train many runs in one process)."""
+    return load_dataset(name, root, download)
+
+
 def load_data(cfg: RunConfig):
-    data = load_dataset(cfg.dataset, cfg.data_root, cfg.download)
+    root = resolve_root(cfg.data_root)
+    data = _dataset(cfg.dataset, str(root) if root else None, cfg.download)
     if cfg.per_class or cfg.classes or cfg.test_per_class:
         try:
             data = subset(data, cfg.per_class, cfg.classes, cfg.test_per_class)

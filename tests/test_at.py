@@ -61,7 +61,7 @@ def make(seed=0):
 
 def block_mean(f, size):
     """Average non-overlapping k x k blocks (k = H / size): adaptive pooling for divisible sizes, by hand."""
-    b, c, h, w = f.shape
+    b, c, h, _ = f.shape
     k = h // size
     return f.reshape(b, c, size, k, size, k).mean((3, 5))
 
@@ -147,11 +147,10 @@ def test_pairs_by_index_and_unequal_stage_counts():
     assert len(stage_pairs(t, t, "first")) == 4
 
 
-TABLE4 = [  # (teacher, student, expected (student, teacher) per pair after pooling), spec a.2 / a.7
-    ("resnet50", "resnet18", [((64, 32), (256, 32)), ((128, 16), (512, 16)), ((256, 8), (1024, 8)), ((512, 4), (2048, 4))]),
-    ("resnet50", "resnet34", [((64, 32), (256, 32)), ((128, 16), (512, 16)), ((256, 8), (1024, 8)), ((512, 4), (2048, 4))]),
-    ("resnet101", "vgg16", [((128, 16), (256, 16)), ((256, 8), (512, 8)), ((512, 4), (1024, 4)), ((512, 4), (2048, 4))]),
-]
+RESNET_S = [((64, 32), (256, 32)), ((128, 16), (512, 16)), ((256, 8), (1024, 8)), ((512, 4), (2048, 4))]
+VGG16_S = [((128, 16), (256, 16)), ((256, 8), (512, 8)), ((512, 4), (1024, 4)), ((512, 4), (2048, 4))]
+# (teacher, student, ((student C, H), (teacher C, H)) per pair after pooling), spec a.2 / a.7
+TABLE4 = [("resnet50", "resnet18", RESNET_S), ("resnet50", "resnet34", RESNET_S), ("resnet101", "vgg16", VGG16_S)]
 
 
 @pytest.mark.parametrize("t_name,s_name,expected", TABLE4)

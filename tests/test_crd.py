@@ -23,17 +23,16 @@ ClassTable, draw_negatives = crd_module.ClassTable, crd_module.draw_negatives
 class TinyNet(nn.Module):
     """Image -> ReLU(linear) 'pooled' vector -> linear logits, with the Features interface."""
 
-    def __init__(self, feat: int, classes: int, seed: int, bn: bool = False):
+    def __init__(self, feat: int, classes: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.num_features = feat
         self.w = nn.Parameter(torch.randn(3 * 4 * 4, feat, generator=g) * 0.3)
-        self.bn = nn.BatchNorm1d(feat) if bn else nn.Identity()
         self.classifier = nn.Linear(feat, classes)
         self.pooled = []
 
     def forward(self, x, features=False):
-        h = self.bn(x.flatten(1) @ self.w).relu()
+        h = (x.flatten(1) @ self.w).relu()
         if h.requires_grad:
             h.retain_grad()
         self.pooled.append(h)
@@ -110,8 +109,9 @@ def run_step(method, b, s):
     return method(student, b, s), student
 
 
-def test_loss_z_and_memory_update_match_reference_over_two_steps():
-    method = tiny({"beta": 0.8, "gamma": 0.0, "nce_m": 0.3})
+@pytest.mark.parametrize("scores", ["matmul", "gather"])
+def test_loss_z_and_memory_update_match_reference_over_two_steps(scores):
+    method = tiny({"beta": 0.8, "gamma": 0.0, "nce_m": 0.3, "scores": scores})
     teacher = method.teacher.model
     assert torch.all(method.z_s < 0) and torch.all(method.z_t < 0)
     student = TinyNet(DS, C, seed=5)
@@ -301,12 +301,13 @@ def test_state_dict_round_trip_and_exact_continuation():
 
 def test_config_defaults_and_refusals():
     cfg = CRD.resolve_config("resnet18", {})
-    assert (cfg.gamma, cfg.alpha, cfg.beta, cfg.feat_dim, cfg.nce_k, cfg.nce_t, cfg.nce_m, cfg.mode) == (
-        1.0, 0.0, 0.8, 128, 16384, 0.07, 0.5, "exact")
-    for bad in ({"mode": "loose"}, {"nce_t": 0}, {"nce_m": 1.5}, {"nce_k": 0}, {"feat_dim": 0}, {"beta": -1}):
+    assert (cfg.gamma, cfg.alpha, cfg.beta, cfg.feat_dim, cfg.nce_k, cfg.nce_t, cfg.nce_m, cfg.mode, cfg.scores) == (
+        1.0, 0.0, 0.8, 128, 16384, 0.07, 0.5, "exact", "matmul")
+    for bad in ({"mode": "loose"}, {"scores": "dense"}, {"nce_t": 0}, {"nce_m": 1.5}, {"nce_k": 0}, {"feat_dim": 0}, {"beta": -1}):
         with pytest.raises(ConfigError):
             CRD.resolve_config("resnet18", bad)
-    fields = dict(model="resnet8", num_classes=C, image_size=4, train_size=N, epochs=2, batch_size=B, num_features=DS)
+    fields = {"model": "resnet8", "num_classes": C, "image_size": 4, "train_size": N, "epochs": 2, "batch_size": B,
+              "num_features": DS}
     cfg = CRD.resolve_config("resnet8", {})
     with pytest.raises(ConfigError, match="teacher"):
         CRD(cfg, with_labels(LABELS, **fields))

@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from helpers import toy_data
 from torch import nn
 
-from helpers import toy_data
 from ipsd.config import ConfigError
 from ipsd.data.loader import DeviceLoader
 from ipsd.method import Batch, Setup, Step, load_methods
