@@ -10,7 +10,8 @@ so does the frozen teacher (eval mode, no grad: ``setup.teacher``). With z / z~ 
 
     vertices   s = ZSNorm(A(z_s)), s~ = ZSNorm(A(z~_s)) (student; A = 2-layer MLP C -> C -> C with ReLU,
                trained, a child module of the method); t = ZSNorm(z_t), t~ = ZSNorm(z~_t)
-               ZSNorm(z) = (z - mean(z)) / (std(z) + 1e-7) per sample over classes (std unbiased, as LSKD)
+               ZSNorm(z) = (z - mean(z)) / (std(z) + 1e-7) per sample over classes (std unbiased, as LSKD;
+               the choice is immaterial: it rescales every vertex alike and edges are unit vectors)
     ISV        E_ij = (s_i - s~_j) / (||s_i - s~_j|| + eps)                   (B, B, C), i = j kept
     ICV        w_c = column c of s (over the batch): E_cd = (w_c - w~_d) / (||.|| + eps)    (C, C, B)
     pruning    H_ij = H(p_i) + H(p~_j), p = softmax(z_s / T_H) of the student's RAW logits, detached
