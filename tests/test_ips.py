@@ -145,4 +145,5 @@ def test_joint_forward_shares_bn_statistics_separate_does_not():
     torch.testing.assert_close(sep[0], net.bn(a).mean((2, 3)))
     net.eval()
     sep, joint = forward_views(net, a, b), forward_views(net, a, b, joint=True)
-    torch.testing.assert_close(sep[0], joint[0]) and torch.testing.assert_close(sep[1], joint[1])
+    torch.testing.assert_close(sep[0], joint[0])
+    torch.testing.assert_close(sep[1], joint[1])
