@@ -66,7 +66,15 @@ from baselines.kd import fp32, gather_rows, require_teacher
 from ipsd.config import ConfigError, param
 from ipsd.data.randaugment import MAX_MAGNITUDE
 from ipsd.losses import ce, kl_t2
-from ipsd.method import Batch, Method, Needs, Setup, Step, forward_views, register_method
+from ipsd.method import (
+    Batch,
+    Method,
+    Needs,
+    Setup,
+    Step,
+    forward_views,
+    register_method,
+)
 
 RA_DEFAULTS = {"fixmatch": {"magnitude": 10, "cutout": 0.5}, "torchvision": {"magnitude": 9, "cutout": 0.0}}
 LOADER_DEFAULTS = {"n": 2, "magnitude": 10, "cutout": 0.5, "variant": "fixmatch"}  # rand_augment's defaults
@@ -165,7 +173,7 @@ def joint_entropy(z: Tensor, zv: Tensor, T: float = 1.0, kind: str = "product") 
     """(n, K), (m, K) logits -> (n, m) "joint entropy" of row i's and row j's softmax predictions."""
     logp, logq = F.log_softmax(z / T, -1), F.log_softmax(zv / T, -1)
     if kind == "product":  # entropy of the product distribution p_i (x) q_j
-        h = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+        h = lambda lp: -(lp.exp() * lp).sum(-1)
         return h(logp)[:, None] + h(logq)[None, :]
     mix = 0.5 * (logp.exp()[:, None, :] + logq.exp()[None, :, :])
     return -(mix * mix.clamp_min(1e-30).log()).sum(-1)

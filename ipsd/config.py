@@ -142,6 +142,8 @@ class RunConfig:
     precision: str = param("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
     channels_last: bool | None = param(None, doc="channels_last memory format; null = on for CUDA")
     compile: bool = param(False, doc="torch.compile the model")
+    compile_backend: str = param("inductor", choices=("inductor", "aot_eager", "eager"),
+                                 doc="torch.compile backend (aot_eager: tracing without code generation)")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
     eval_batch_size: int = param(1000, lo=1)
     teacher_id: str | None = param(None, doc="set by resolution: 'run:<run id>' or 'sha256:<digest>' of the teacher")

@@ -210,7 +210,7 @@ def train(cfg: RunConfig) -> Path:
     dist.barrier()
 
     if settings["compile"]:
-        model.compile()
+        model.compile(backend=cfg.compile_backend)
     task = Task(model, method)
     if info.enabled:
         task = wrap_ddp(task, device)

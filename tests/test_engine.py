@@ -137,3 +137,14 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(tmp_path):
     r = json.loads((folder / "result.json").read_text())
     assert r["settings"]["bf16"] and r["settings"]["channels_last"]
     assert all(torch.isfinite(torch.tensor(v)) for v in r["curve"][0]["loss"].values())
+
+
+def test_torch_compile_path_trains_and_resumes(tmp_path):
+    """The compiled model keeps its state_dict keys, so checkpoints and resume are unchanged (aot_eager: the
+    same dynamo tracing as inductor without C++ code generation, to keep the test fast on CPU)."""
+    args = ("compile=true", "compile_backend=aot_eager")
+    ref = run(tmp_path / "a", *args, epochs=2)
+    run(tmp_path / "b", *args, "stop_after=1", epochs=2)
+    part = run(tmp_path / "b", *args, epochs=2)
+    assert_same_state(weights(ref), weights(part))
+    assert not any(k.startswith("_orig_mod") for k in weights(ref)["model"])

@@ -215,3 +215,21 @@ def test_cuda_matches_cpu_for_the_same_draws():
     assert (cpu != gpu).float().mean() < 0.002
     y = rand_augment(x.cuda(), torch.Generator("cuda").manual_seed(0))
     assert y.device.type == "cuda" and y.dtype == torch.uint8
+
+
+def test_loader_builds_the_strong_view_with_it():
+    """DeviceLoader with Needs(views=2, strong_view2=True): view2 = normalise(rand_augment(crop+flip)), a
+    different image grid than x (RandAugment + Cutout), still on the uint8 lattice after un-normalising."""
+    from helpers import toy_data
+
+    from ipsd.data.loader import DeviceLoader
+    from ipsd.method import Needs
+
+    loader = DeviceLoader(toy_data(), torch.device("cpu"), 16, Needs(views=2, strong_view2=True), seed=0)
+    batch = next(iter(loader.epoch(1)))
+    assert batch.view2.shape == batch.x.shape
+    u8 = (batch.view2 - loader.shift) / loader.scale
+    assert torch.allclose(u8, u8.round(), atol=1e-3) and u8.min() >= -1e-3 and u8.max() <= 255 + 1e-3
+    assert (batch.view2 != batch.x).flatten(1).any(1).all()
+    again = next(iter(loader.epoch(1)))
+    assert torch.equal(again.view2, batch.view2)  # the loader's per-epoch generator drives it

@@ -19,7 +19,7 @@ from ipsd.models import build_model
 from ipsd.teacher import FrozenTeacher
 
 VRM = load_methods().get("vrm")
-from baselines.vrm import icv_edges, isv_edges, joint_entropy, keep_mask  # noqa: E402
+from baselines.vrm import icv_edges, isv_edges, joint_entropy, keep_mask
 
 R2, R5 = math.sqrt(2), math.sqrt(5)
 
@@ -206,7 +206,7 @@ def reference(method, zs, zsv, zt, ztv, y, c):
     ent = {(i, j): joint(zs, zsv, i, j, c["entropy_T"]) for i in range(b) for j in range(b)}
     kept = keep_by_percentile(ent, c["prune_m"])
 
-    cols = lambda a: [a[:, q] for q in range(k)]  # noqa: E731
+    cols = lambda a: [a[:, q] for q in range(k)]
     ws, wsv, wt, wtv = cols(s), cols(sv), cols(t), cols(tv)
     if c["icv_vertices"] == "mirror":
         icv_s = {(p, q): unit(ws[p] - wsv[q]) for p in range(k) for q in range(k)}
