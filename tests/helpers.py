@@ -57,6 +57,12 @@ def random_batch(b: int = 6, classes: int = 5, size: int = 32, seed: int = 1,
                  index=torch.arange(b))
 
 
+def random_batches(n: int, b: int, classes: int, size: int, seed: int = 1) -> list[Batch]:
+    """``n`` consecutive ``random_batch``es drawn from one generator seeded ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [random_batch(b, classes, size, generator=g) for _ in range(n)]
+
+
 def pair_batch(b: int = 4, seed: int = 1) -> Batch:
     """32x32 anchors labelled 0, 1, 2, ... (mod 5) with a random partner view each."""
     g = torch.Generator().manual_seed(seed)
@@ -165,15 +171,15 @@ def assert_teacher_untouched(teacher: nn.Module, before: dict) -> None:
         assert torch.equal(v, before[k]), k
 
 
-def assert_teacher_stays_frozen(make_method: Callable[[FrozenTeacher], Method], batches: Iterable[Batch],
+def assert_teacher_stays_frozen(method_cls: type[Method], setup: Callable[..., Setup], batches: Iterable[Batch],
                                 step: Callable[[], Step], key: str | None = None) -> None:
-    """Real BN resnet8s (10 classes): a few SGD steps of the student leave the frozen teacher unchanged, move the
-    student, and the method holds no parameters or state (its state_dict round trip is trivially exact)."""
+    """Real BN resnet8s (10 classes, default config, ``setup(teacher, classes=10)``): SGD steps of the student on
+    ``batches`` leave the frozen teacher unchanged and move the student; the method holds no parameters or state."""
     torch.manual_seed(0)
     teacher, student = build_model("resnet8", 10), build_model("resnet8", 10)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     frozen = FrozenTeacher(teacher)
-    method = make_method(frozen)
+    method = method_cls(method_cls.resolve_config("resnet8", {}), setup(frozen, classes=10))
     assert list(method.parameters()) == [] and method.state_dict() == {}  # no teacher in optimizer/checkpoint
     student.train(), method.train()
     opt = torch.optim.SGD([*student.parameters(), *method.parameters()], lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -187,7 +193,8 @@ def assert_teacher_stays_frozen(make_method: Callable[[FrozenTeacher], Method], 
         opt.step()
     assert_teacher_untouched(teacher, before)
     assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
-    make_method(frozen).load_state_dict(method.state_dict())
+    fresh = method_cls(method_cls.resolve_config("resnet8", {}), setup(frozen, classes=10))
+    fresh.load_state_dict(method.state_dict())  # stateless: the round trip is trivially exact
 
 
 # ---------------------------------------------------------------------------- two gloo processes
