@@ -36,9 +36,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from baselines.kd import ce_kd_terms, fp32, require_teacher
 from ipsd.config import param
+from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
+from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -106,4 +107,4 @@ class AT(Method):
         with fp32(z_s):
             at = sum(at_pair_loss(fs, ft, c.p, c.mode) for fs, ft in stage_pairs(feat_s.stages, feat_t.stages,
                                                                                  c.unequal_stages))
-        return {**ce_kd_terms(c, z_s, z_t, batch.y), "at": c.beta * at}
+        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "at": c.beta * at}

@@ -34,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from baselines.kd import ce_kd_terms, fp32, gather_rows, require_teacher
 from ipsd.config import param
+from ipsd.dist import gather_rows
+from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
+from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -105,4 +107,4 @@ class RKD(Method):
             e_s, e_t = gather_rows(e_s), gather_rows(e_t)
         with fp32(z_s):
             rkd = rkd_loss(e_s, e_t, c.w_dist, c.w_angle)
-        return {**ce_kd_terms(c, z_s, z_t, batch.y), "rkd": c.beta * rkd}
+        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "rkd": c.beta * rkd}

@@ -27,10 +27,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from baselines.kd import ce_kd_terms, fp32, gather_rows, require_teacher
 from ipsd.config import param
+from ipsd.dist import gather_rows
+from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
 from ipsd.models import Features
+from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -80,4 +82,4 @@ class SP(Method):
             f_s, f_t = gather_rows(f_s), gather_rows(f_t)
         with fp32(z_s):
             sp = sp_loss(f_s, f_t)
-        return {**ce_kd_terms(c, z_s, z_t, batch.y), "sp": c.beta * sp}
+        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "sp": c.beta * sp}

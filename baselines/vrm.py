@@ -44,8 +44,7 @@ Ambiguity register (spec (f) 12), key = default:
  (vii)  ``zsnorm=True`` (teacher and student)
  (viii) ``ra_variant="fixmatch"`` with ``ra_n=2``, ``ra_magnitude=10``, ``ra_cutout=0.5``; ``"torchvision"``
         = torchvision RandAugment(num_ops=2, magnitude=9), no Cutout (magnitude/cutout null = the variant's
-        default). Non-default values need a loader that forwards them (``Needs.strong_args``); until then
-        they are refused instead of silently ignored.
+        default); the settings reach the loader through ``Needs.strong_args``.
  (ix)   ``ce_views="sum"``; ``"mean"`` halves it
  (x)    ``entropy_T=1``
  (xi)   ``edge_eps=1e-8`` (added to the edge norm)
@@ -55,17 +54,16 @@ entries per model (0.41 M + 0.64 M at B = 64, C = 100), negligible; RandAugment 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from baselines.kd import fp32, gather_rows, require_teacher
 from ipsd.config import ConfigError, param
 from ipsd.data.randaugment import MAX_MAGNITUDE
-from ipsd.losses import ce, kl_t2
+from ipsd.dist import gather_rows
+from ipsd.losses import ce, fp32, kl_t2
 from ipsd.method import (
     Batch,
     Method,
@@ -75,6 +73,7 @@ from ipsd.method import (
     forward_views,
     register_method,
 )
+from ipsd.teacher import require_teacher
 
 RA_DEFAULTS = {"fixmatch": {"magnitude": 10, "cutout": 0.5}, "torchvision": {"magnitude": 9, "cutout": 0.0}}
 LOADER_DEFAULTS = {"n": 2, "magnitude": 10, "cutout": 0.5, "variant": "fixmatch"}  # rand_augment's defaults
@@ -120,29 +119,6 @@ class VRMConfig:
 
 
 # ------------------------------------------------------------------------------------------ graph pieces
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous.
-
-    torch.distributed.nn.functional.all_gather's backward on gloo (all_to_all) reads a non-contiguous
-    gradient in the wrong element order -- silently wrong gradients (e.g. when the gathered matrix is used
-    transposed, as ICV does). Placed right after the gather, the gradient that reaches it is contiguous.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
-        return g.contiguous()
-
-
-def gather_global(t: Tensor) -> Tensor:
-    """All ranks' rows (``baselines.kd.gather_rows``: gradient to each rank's own rows), contiguity-safe."""
-    out = gather_rows(t)
-    return _ContiguousGrad.apply(out) if out is not t and out.requires_grad else out
-
 
 def zsnorm(z: Tensor, eps: float = 1e-7) -> Tensor:
     """Per-sample z-score over classes: (z - mean) / (std + eps), unbiased std (as LSKD's normalisation)."""
@@ -229,13 +205,7 @@ class VRM(Method):
         if ra["magnitude"] > MAX_MAGNITUDE[variant]:
             raise ConfigError(f"method_args.ra_magnitude={ra['magnitude']} is out of range for "
                               f"ra_variant={variant!r}; allowed [0, {MAX_MAGNITUDE[variant]}]")
-        if ra == LOADER_DEFAULTS:
-            return {}
-        if "strong_args" not in {f.name for f in dataclasses.fields(Needs)}:
-            raise ConfigError(f"vrm: the virtual-view RandAugment settings {ra} differ from the loader's fixed "
-                              f"{LOADER_DEFAULTS}, and this loader cannot be told otherwise (Needs has no "
-                              f"strong_args); keep the ra_* keys at their defaults")
-        return {"strong_args": tuple(sorted(ra.items()))}
+        return {} if ra == LOADER_DEFAULTS else {"strong_args": tuple(sorted(ra.items()))}
 
     def vertices(self, z: Tensor) -> Tensor:
         """Student logits -> graph vertices: adaptor, then ZSNorm (fp32)."""
@@ -270,7 +240,7 @@ class VRM(Method):
             t, tv = zsnorm(t), zsnorm(tv)
         raw, raw_v = z.detach(), zv.detach()  # pruning uses the student's own predictions, no gradient
         if c.relations == "global":
-            s, sv, t, tv, raw, raw_v = (gather_global(x) for x in (s, sv, t, tv, raw, raw_v))
+            s, sv, t, tv, raw, raw_v = (gather_rows(x) for x in (s, sv, t, tv, raw, raw_v))
         keep = keep_mask(joint_entropy(raw, raw_v, c.entropy_T, c.joint_entropy), c.prune_m)
         isv = edge_distance(isv_edges(s, sv, c.edge_eps), isv_edges(t, tv, c.edge_eps), keep, c.distance)
         keep_icv = None

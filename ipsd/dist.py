@@ -82,3 +82,34 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the autograd all_gather's backward
+    on gloo reads a non-contiguous gradient in the wrong element order (silently wrong gradients, e.g. when
+    the gathered matrix is used transposed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows concatenated along dim 0, with gradient to each rank's own rows.
+
+    For relational losses over the global batch (spec teacher_kd (f) 8): the autograd all-gather's backward
+    sums the gradients all ranks computed for this rank's rows; every rank evaluates the same global loss,
+    so that is world * dL/d(own rows), and DDP's averaging yields exactly the single-process gradient.
+    Shard sizes are equal (the loader's contract). Identity without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    if not t.requires_grad:
+        return all_gather_cat(t)
+    from torch.distributed.nn.functional import all_gather
+
+    return _ContiguousGrad.apply(torch.cat(all_gather(t.contiguous())))

@@ -1,6 +1,9 @@
 """Loss pieces shared by methods, written once (fp32 for numerical safety under bf16 autocast)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,3 +40,19 @@ def accuracy_counts(logits: Tensor, y: Tensor, ks: tuple[int, ...] = (1, 5)) -> 
     top = logits.topk(kmax, dim=1).indices
     hit = top == y[:, None]
     return torch.stack([hit[:, : min(k, kmax)].any(1).sum() for k in ks]).float()
+
+
+@contextlib.contextmanager
+def fp32(t: Tensor) -> Iterator[None]:
+    """Autocast off for a loss block: Gram matrices, distances and norms stay in fp32 under bf16 runs."""
+    with torch.autocast(t.device.type, enabled=False):
+        yield
+
+
+def ce_and_kd(z_s: Tensor, z_t: Tensor, y: Tensor, gamma: float, alpha: float, T: float) -> dict[str, Tensor]:
+    """The teacher-based methods' shared part (spec teacher_kd a.0): gamma * CE + alpha * T^2 KL(teacher || student);
+    ``kd`` is only returned when alpha > 0 (RepDistiller computes it at 0 too, which changes only the log)."""
+    terms = {"ce": gamma * ce(z_s, y)}
+    if alpha > 0:
+        terms["kd"] = alpha * kl_t2(z_t, z_s, T)
+    return terms

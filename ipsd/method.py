@@ -28,6 +28,7 @@ class Needs:
     self_pairs: bool = False  # whether a partner may be the anchor itself
     views: int = 1  # 2: batch.view2 is a second, independent augmentation of batch.x (DDGSD, DLB)
     strong_view2: bool = False  # view2 additionally gets RandAugment + Cutout (VRM's virtual view)
+    strong_args: tuple = ()  # (key, value) pairs passed to ipsd.data.randaugment.rand_augment
 
     @property
     def images_per_anchor(self) -> int:

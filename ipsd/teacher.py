@@ -248,3 +248,11 @@ def register(name: str, run: str | Path, path: Path | None = None) -> dict[str, 
 
     atomic_write_text(path, yaml.safe_dump(entries, sort_keys=True))
     return entries[name]
+
+
+def require_teacher(setup: Any, method: str) -> FrozenTeacher:
+    """The run's teacher (``setup.teacher``); refuse to build a teacher-based method without one."""
+    if setup.teacher is None:
+        raise ConfigError(f"method {method!r} needs a teacher: pass teacher=<name in results/teachers.yaml | "
+                          f"run folder of a finished `ipsd train method=hard ...` | its checkpoint.pt>")
+    return setup.teacher

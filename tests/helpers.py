@@ -177,7 +177,7 @@ def assert_teacher_stays_frozen(method_cls: type[Method], setup: Callable[..., S
     ``batches`` leave the frozen teacher unchanged and move the student; the method holds no parameters or state."""
     torch.manual_seed(0)
     teacher, student = build_model("resnet8", 10), build_model("resnet8", 10)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before = snapshot(teacher)
     frozen = FrozenTeacher(teacher)
     method = method_cls(method_cls.resolve_config("resnet8", {}), setup(frozen, classes=10))
     assert list(method.parameters()) == [] and method.state_dict() == {}  # no teacher in optimizer/checkpoint

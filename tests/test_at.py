@@ -1,14 +1,16 @@
 """AT (spec teacher_kd a.2, (f) 5): code and paper variants against plain formulas, pooling of the larger
 map before the attention map, stage pairing by index, the Table-4 shapes, a frozen teacher, config."""
 import math
+from functools import partial
 
 import pytest
 import torch
+from helpers import assert_teacher_stays_frozen, make_step, random_batches, teacher_setup
 from torch import nn
 
 from baselines.at import match_spatial, stage_pairs
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 
@@ -33,13 +35,8 @@ class Stub(nn.Module):
         return self.logits, Features(stem=maps[0], stages=maps, pre_pool=maps[-1], pooled=maps[-1].mean((2, 3)))
 
 
-def setup(teacher, model="resnet8", classes=5):
-    return Setup(model, num_classes=classes, image_size=32, train_size=100, epochs=2, batch_size=3,
-                 family="cifar_resnet", teacher=teacher)
-
-
-def step():
-    return Step(1, 2, torch.Generator().manual_seed(0))
+setup = partial(teacher_setup, classes=5, batch=3)
+step = partial(make_step, epochs=2)
 
 
 def rand(*shape, seed):
@@ -170,30 +167,7 @@ def test_table4_pairs(t_name, s_name, expected):
 
 
 def test_teacher_is_frozen_while_the_student_trains():
-    torch.manual_seed(0)
-    teacher, student = build_model("resnet8", 10), build_model("resnet8", 10)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    frozen = FrozenTeacher(teacher)
-    method = AT(AT.resolve_config("resnet8", {}), setup(frozen, classes=10))
-    assert list(method.parameters()) == [] and method.state_dict() == {}
-    student.train(), method.train()
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    student_before = [p.clone() for p in student.parameters()]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        batch = Batch(x=torch.randn(4, 3, 16, 16, generator=g), y=torch.randint(0, 10, (4,), generator=g),
-                      index=torch.arange(4))
-        losses = method(student, batch, step())
-        assert losses["at"] > 0
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-    assert not teacher.training
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
-    AT(AT.resolve_config("resnet8", {}), setup(frozen, classes=10)).load_state_dict(method.state_dict())
+    assert_teacher_stays_frozen(AT, setup, random_batches(3, 4, classes=10, size=16), step, key="at")
 
 
 def test_defaults_and_refusals():

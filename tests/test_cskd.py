@@ -3,71 +3,40 @@ import math
 
 import pytest
 import torch
-from helpers import toy_data
+from helpers import LinearProbe, make_setup, make_step, pair_batch, ref_ce, ref_kl, toy_data
 from torch import nn
 
 from ipsd.config import ConfigError
 from ipsd.data.loader import DeviceLoader
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import load_methods
 
 CSKD = load_methods().get("cskd")
-SETUP = Setup("resnet18", num_classes=5, image_size=32, train_size=100, epochs=240, batch_size=4)
-
-
-class LinearProbe(nn.Module):
-    """A fixed linear map from images to logits that keeps its inputs and outputs."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(0)) * 0.05)
-        self.inputs, self.outputs = [], []
-
-    def forward(self, x, features=False):
-        self.inputs.append(x)
-        z = x.flatten(1) @ self.w
-        if z.requires_grad:
-            z.retain_grad()
-        self.outputs.append(z)
-        return z
-
-
-def make_batch(b=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x=torch.randn(b, 3, 32, 32, generator=g), y=torch.tensor([0, 1, 2, 3, 4, 0][:b]),
-                 index=torch.arange(b), partner=torch.randn(b, 3, 32, 32, generator=g), partner_index=torch.arange(b))
-
-
-def step():
-    return Step(1, 240, torch.Generator().manual_seed(0))
+SETUP = make_setup()
 
 
 def reference(z, zp, y, T, lam):
     """Spec b.5 with plain formulas: mean CE on anchors + lam T^2 sum_k q log(q/p), batch mean."""
-    logp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
-    ce = -logp[torch.arange(len(y)), y].mean()
-    q = torch.exp(zp / T) / torch.exp(zp / T).sum(1, keepdim=True)
-    p = torch.exp(z / T) / torch.exp(z / T).sum(1, keepdim=True)
-    return ce, lam * T * T * (q * torch.log(q / p)).sum(1).mean()
+    return ref_ce(z, y), lam * ref_kl(zp, z, T)
 
 
 @pytest.mark.parametrize("T,lam", [(4.0, 1.0), (2.0, 3.0), (1.0, 0.5)])
 def test_loss_equals_reference(T, lam):
     method = CSKD(CSKD.resolve_config("resnet18", {"T": T, "lambda_cls": lam}), SETUP)
-    model, batch = LinearProbe(), make_batch()
-    losses = method(model, batch, step())
+    model, batch = LinearProbe(), pair_batch()
+    losses = method(model, batch, make_step())
     assert set(losses) == {"ce", "kd"}
     assert torch.equal(model.inputs[0], batch.x) and torch.equal(model.inputs[1], batch.partner)
     z, zp = (o.detach().double() for o in model.outputs)
-    ref_ce, ref_kd = reference(z, zp, batch.y, T, lam)
-    assert ref_kd > 1e-3
-    assert math.isclose(losses["ce"].item(), ref_ce.item(), rel_tol=1e-5)
-    assert math.isclose(losses["kd"].item(), ref_kd.item(), rel_tol=1e-4)
+    want_ce, want_kd = reference(z, zp, batch.y, T, lam)
+    assert want_kd > 1e-3
+    assert math.isclose(losses["ce"].item(), want_ce.item(), rel_tol=1e-5)
+    assert math.isclose(losses["kd"].item(), want_kd.item(), rel_tol=1e-4)
 
 
 def test_partner_output_has_no_gradient_and_the_weight_gradient_treats_it_as_a_constant():
     method = CSKD(CSKD.resolve_config("resnet18", {}), SETUP)
-    model, batch = LinearProbe(), make_batch()
-    sum(method(model, batch, step()).values()).backward()
+    model, batch = LinearProbe(), pair_batch()
+    sum(method(model, batch, make_step()).values()).backward()
     z, zp = model.outputs
     assert z.grad_fn is not None and z.grad.abs().sum() > 0
     assert zp.grad_fn is None and not zp.requires_grad
@@ -96,9 +65,9 @@ class BNNet(nn.Module):
 
 def test_partner_forward_runs_in_train_mode_without_grad_and_updates_bn_statistics():
     method = CSKD(CSKD.resolve_config("resnet18", {}), SETUP)
-    net, batch = BNNet(), make_batch()
+    net, batch = BNNet(), pair_batch()
     batch.partner = batch.partner + 5.0  # a different mean, so the partner forward visibly moves the stats
-    method(net, batch, step())
+    method(net, batch, make_step())
     (grad_a, train_a, mean_a), (grad_p, train_p, mean_p) = net.calls
     assert grad_a and train_a
     assert not grad_p and train_p

@@ -2,36 +2,24 @@
 target, detached targets, carried state (steps, epochs, unequal batch sizes, state_dict, DDP ranks)."""
 import io
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from helpers import LinearProbe, gloo_group, make_setup, make_step, ref_ce, ref_kl, spawn_two
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 
 DLB = load_methods().get("dlb")
-SETUP = Setup("resnet18", num_classes=5, image_size=32, train_size=100, epochs=240, batch_size=4)
+SETUP = make_setup()
 
 
-class LinearProbe(nn.Module):
-    """A linear map from images to logits that records every call's input and output."""
+class Probe(LinearProbe):
+    """LinearProbe (every forward tracks gradients) that can take a stand-in optimiser step."""
 
-    def __init__(self, classes=5):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(0)) * 0.05)
-        self.inputs, self.outputs = [], []
-
-    def forward(self, x, features=False):
-        self.inputs.append(x)
-        z = x.flatten(1) @ self.w
-        z.retain_grad()
-        self.outputs.append(z)
-        return z
+    def __init__(self):
+        super().__init__(always_grad=True)
 
     def perturb(self, seed):
         """Stand-in for an optimiser step between two iterations."""
@@ -46,27 +34,15 @@ def make_batch(b=4, seed=1):
 
 
 def step(epoch=1):
-    return Step(epoch, 240, torch.Generator().manual_seed(epoch))
+    return make_step(epoch, seed=epoch)
 
 
 def make(**args):
     return DLB(DLB.resolve_config("resnet18", args), SETUP)
 
 
-def ref_ce(z, y):
-    logp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
-    return -logp[torch.arange(len(y)), y].mean()
-
-
-def ref_kl(t, s, T):
-    """T^2 KL(softmax(t/T) || softmax(s/T)), summed over classes, batch mean."""
-    q = torch.exp(t / T) / torch.exp(t / T).sum(1, keepdim=True)
-    p = torch.exp(s / T) / torch.exp(s / T).sum(1, keepdim=True)
-    return T * T * (q * torch.log(q / p)).sum(1).mean()
-
-
 def test_first_step_is_ce_only_and_stores_view2_labels_and_detached_logits():
-    method, model, b1 = make(), LinearProbe(), make_batch()
+    method, model, b1 = make(), Probe(), make_batch()
     losses = method(model, b1, step())
     assert len(model.inputs) == 1 and torch.equal(model.inputs[0], b1.x)
     assert losses["kd"].item() == 0.0
@@ -79,7 +55,7 @@ def test_first_step_is_ce_only_and_stores_view2_labels_and_detached_logits():
 
 @pytest.mark.parametrize("T,alpha", [(3.0, 1.0), (2.0, 0.5), (5.0, 2.0)])
 def test_second_step_loss_equals_reference_with_the_previous_parameters_logits(T, alpha):
-    method, model = make(T=T, alpha=alpha), LinearProbe()
+    method, model = make(T=T, alpha=alpha), Probe()
     b1, b2 = make_batch(4, 1), make_batch(4, 2)
     method(model, b1, step())
     z1_old = model.outputs[0].detach().double()  # view 0 of b1 under the parameters of step 1
@@ -101,7 +77,7 @@ def test_second_step_loss_equals_reference_with_the_previous_parameters_logits(T
 def test_target_is_detached():
     """d kd / d z~ = alpha T (softmax(z~/T) - softmax(z_old/T)) / B and nothing reaches the stored logits."""
     T, alpha = 3.0, 2.0
-    method, model = make(T=T, alpha=alpha), LinearProbe()
+    method, model = make(T=T, alpha=alpha), Probe()
     method(model, make_batch(4, 1), step())
     z_old = method.last.z.clone()
     model.perturb(3)
@@ -114,7 +90,7 @@ def test_target_is_detached():
 
 
 def test_unequal_consecutive_batch_sizes_and_epoch_boundary():
-    method, model = make(), LinearProbe()
+    method, model = make(), Probe()
     b1, b2, b3 = make_batch(4, 1), make_batch(3, 2), make_batch(4, 3)
     method(model, b1, step(1))
     losses = method(model, b2, step(1))  # last, smaller batch of epoch 1
@@ -134,7 +110,7 @@ def test_unequal_consecutive_batch_sizes_and_epoch_boundary():
 
 @pytest.mark.parametrize("form", ["code", "paper"])
 def test_state_dict_round_trip_continues_identically(form):
-    model = LinearProbe()
+    model = Probe()
     method = make(form=form)
     for s in (1, 2):
         method(model, make_batch(4, s), step())
@@ -156,7 +132,7 @@ def test_state_dict_round_trip_continues_identically(form):
 
 
 def test_paper_form_is_one_call_over_carried_then_fresh_half():
-    method, model = make(form="paper"), LinearProbe()
+    method, model = make(form="paper"), Probe()
     b1, b2 = make_batch(4, 1), make_batch(3, 2)
     method(model, b1, step())
     z_old = model.outputs[0].detach().double()
@@ -183,10 +159,8 @@ def test_config_defaults_and_refusals():
 
 
 def _ddp_worker(rank, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        method, model = make(), LinearProbe()
+    with gloo_group(rank, port):
+        method, model = make(), Probe()
         batch = make_batch(3 - rank, 10 + rank)  # ranks hold different (and differently sized) batches
         method(model, batch, step())
         method.epoch_end(step())  # gathers every rank's carried batch
@@ -197,15 +171,7 @@ def _ddp_worker(rank, port, path):
         fresh.load_state_dict(torch.load(path))
         assert torch.equal(fresh.last.x, batch.view2) and torch.equal(fresh.last.y, batch.y)
         assert torch.equal(fresh.last.z, method.last.z)
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_checkpoint_restores_each_ranks_own_previous_batch(tmp_path):
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path / "m.pt")), nprocs=2, join=True)
+    spawn_two(_ddp_worker, str(tmp_path / "m.pt"))

@@ -1,74 +1,47 @@
 """IPS loss against an independent reference, gradient semantics, per-model defaults, BN modes."""
 import math
+from functools import partial
 
 import pytest
 import torch
+from helpers import LinearProbe, make_setup, make_step, pair_batch, ref_ce, ref_kl
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, forward_views, load_methods
+from ipsd.method import Batch, forward_views, load_methods
 
 METHODS = load_methods()
 IPS = METHODS.get("ips")
-SETUP = Setup("resnet18", num_classes=5, image_size=32, train_size=100, epochs=240, batch_size=4)
-
-
-class LinearProbe(nn.Module):
-    """A fixed linear map from images to logits that keeps its outputs for gradient checks."""
-
-    def __init__(self, classes=5):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(0)) * 0.02)
-        self.inputs, self.outputs = [], []
-
-    def forward(self, x, features=False):
-        self.inputs.append(x)
-        z = x.flatten(1) @ self.w
-        z.retain_grad()
-        self.outputs.append(z)
-        return z
+SETUP = make_setup()
+probe = partial(LinearProbe, scale=0.02, always_grad=True)
 
 
 def reference_loss(za, zb, y, T, gamma, alpha):
     """Paper Eqs. 1-3 with plain tensor formulas: mean CE, KL(A||B) = sum A log(A/B), batchmean, T^2."""
-    def ce(z):
-        return (-torch.log(torch.exp(z) / torch.exp(z).sum(1, keepdim=True)))[torch.arange(len(y)), y].mean()
-
-    def kl(a, b):
-        pa = torch.exp(a / T) / torch.exp(a / T).sum(1, keepdim=True)
-        pb = torch.exp(b / T) / torch.exp(b / T).sum(1, keepdim=True)
-        return (pa * torch.log(pa / pb)).sum(1).mean() * T * T
-
-    return 0.5 * gamma * (ce(za) + ce(zb)), 0.5 * alpha * (kl(za, zb) + kl(zb, za))
-
-
-def make_batch(b=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x=torch.randn(b, 3, 32, 32, generator=g), y=torch.tensor([0, 1, 2, 3][:b]),
-                 index=torch.arange(b), partner=torch.randn(b, 3, 32, 32, generator=g), partner_index=torch.arange(b))
+    return 0.5 * gamma * (ref_ce(za, y) + ref_ce(zb, y)), 0.5 * alpha * (ref_kl(za, zb, T) + ref_kl(zb, za, T))
 
 
 def step(epoch=200, seed=0):
-    return Step(epoch, 240, torch.Generator().manual_seed(seed))
+    return make_step(epoch, seed=seed)
 
 
 @pytest.mark.parametrize("T,gamma,alpha", [(4.0, 1.0, 1.0), (2.0, 0.5, 0.5), (1.0, 0.3, 2.0)])
 def test_loss_equals_reference_without_swap(T, gamma, alpha):
     method = IPS(IPS.resolve_config("resnet18", {"T": T, "gamma": gamma, "alpha": alpha, "pr_schedule": "constant",
                                                  "p_r": 0.0}), SETUP)
-    model, batch = LinearProbe(), make_batch()
+    model, batch = probe(), pair_batch()
     losses = method(model, batch, step())
     za, zb = [z.detach().double() for z in model.outputs]
-    ref_ce, ref_kd = reference_loss(za, zb, batch.y, T, gamma, alpha)
+    want_ce, want_kd = reference_loss(za, zb, batch.y, T, gamma, alpha)
     assert torch.equal(model.inputs[0], batch.x) and torch.equal(model.inputs[1], batch.partner)
-    assert math.isclose(losses["ce"].item(), ref_ce.item(), rel_tol=1e-5)
-    assert math.isclose(losses["kd"].item(), ref_kd.item(), rel_tol=1e-4, abs_tol=1e-7)
-    assert ref_kd > 0
+    assert math.isclose(losses["ce"].item(), want_ce.item(), rel_tol=1e-5)
+    assert math.isclose(losses["kd"].item(), want_kd.item(), rel_tol=1e-4, abs_tol=1e-7)
+    assert want_kd > 0
 
 
 def test_swapped_views_reach_the_model():
     method = IPS(IPS.resolve_config("resnet18", {"pr_schedule": "constant", "p_r": 1.0}), SETUP)
-    model, batch = LinearProbe(), make_batch()
+    model, batch = probe(), pair_batch()
     method(model, batch, step())
     xa, xb = model.inputs
     torch.testing.assert_close(xa + xb, batch.x + batch.partner)
@@ -78,11 +51,11 @@ def test_swapped_views_reach_the_model():
 def test_gradients_flow_into_both_views_symmetrically():
     args = {"gamma": 0.0, "pr_schedule": "constant", "p_r": 0.0}  # KD term only, no swap
     method = IPS(IPS.resolve_config("resnet18", args), SETUP)
-    batch = make_batch()
+    batch = pair_batch()
     flipped = Batch(x=batch.partner, y=batch.y, index=batch.index, partner=batch.x, partner_index=batch.index)
     grads = []
     for b in (batch, flipped):
-        model = LinearProbe()
+        model = probe()
         sum(method(model, b, step()).values()).backward()
         grads.append([z.grad for z in model.outputs])
     (ga, gb), (ga_flip, gb_flip) = grads
@@ -92,7 +65,7 @@ def test_gradients_flow_into_both_views_symmetrically():
 
 
 def test_detach_target_ablation_changes_gradients():
-    model1, model2, batch = LinearProbe(), LinearProbe(), make_batch()
+    model1, model2, batch = probe(), probe(), pair_batch()
     full = IPS(IPS.resolve_config("resnet18", {"gamma": 0.0}), SETUP)
     det = IPS(IPS.resolve_config("resnet18", {"gamma": 0.0, "detach_target": True}), SETUP)
     sum(full(model1, batch, step()).values()).backward()

@@ -1,18 +1,16 @@
 """SP (spec teacher_kd a.3): a hand-checkable case, the loss and its gradient against plain formulas, the
 last-stage tap (ShuffleNetV2!), the global batch under DDP, a frozen teacher, config."""
 import math
-import os
-import socket
+from functools import partial
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import (assert_global_relations_match_single_process, assert_teacher_stays_frozen, make_step,
+                     random_batches, teacher_setup)
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.engine import Task, wrap_ddp
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 
@@ -38,13 +36,8 @@ class Stub(nn.Module):
         return self.logits, Features(stem=self.last, stages=[self.last], pre_pool=head, pooled=head.mean((2, 3)))
 
 
-def setup(teacher, model="resnet8", classes=4, batch=4):
-    return Setup(model, num_classes=classes, image_size=32, train_size=100, epochs=2, batch_size=batch,
-                 family="cifar_resnet", teacher=teacher)
-
-
-def step():
-    return Step(1, 2, torch.Generator().manual_seed(0))
+setup = partial(teacher_setup, classes=4, batch=4)
+step = partial(make_step, epochs=2)
 
 
 def batch_of(b, classes=4):
@@ -111,96 +104,15 @@ def test_tap_is_the_last_stage_not_the_shufflenet_head():
         assert math.isclose(got, 3000 * reference_sp(fn(fs), fn(ft)).item(), rel_tol=1e-5)
 
 
-class Linear(nn.Module):
-    """BN-free 'model': x -> relu(x W) as a (B, 2, 2, 2) last stage, its pool, and logits."""
-
-    def __init__(self, seed):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w = nn.Parameter(torch.randn(12, 8, generator=g))
-        self.c = nn.Parameter(torch.randn(8, 4, generator=g))
-
-    def forward(self, x, features=False):
-        h = (x @ self.w).relu()
-        z = h @ self.c
-        if not features:
-            return z
-        m = h.reshape(-1, 2, 2, 2)
-        return z, Features(stem=m, stages=[m], pre_pool=m, pooled=h)
-
-
-def make_task(relations):
-    method = SP(SP.resolve_config("resnet8", {"gamma": 0.0, "relations": relations}),
-                setup(FrozenTeacher(Linear(1)), batch=8))
-    return Task(Linear(0), method)
-
-
-def full_batch():
-    g = torch.Generator().manual_seed(3)
-    return Batch(x=torch.randn(8, 12, generator=g), y=torch.arange(8) % 4, index=torch.arange(8))
-
-
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    b = full_batch()
-    s = slice(4 * rank, 4 * rank + 4)
-    for relations in ("global", "local"):
-        task = wrap_ddp(make_task(relations), torch.device("cpu"))
-        losses = task(Batch(x=b.x[s], y=b.y[s], index=b.index[s]), step())
-        sum(losses.values()).backward()
-        torch.save([losses["sp"].detach(), task.module.model.w.grad], f"{out}/{relations}{rank}.pt")
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two spawned processes (a few seconds of imports)
 def test_global_relations_under_ddp_equal_the_single_process_batch(tmp_path):
     """Two ranks with 4 samples each: relations='global' gives the 8-sample loss and gradient exactly
     (all-gather with gradient + DDP averaging); 'local' gives per-rank losses that differ."""
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    task = make_task("global")
-    losses = task(full_batch(), step())
-    losses["sp"].backward()
-    (l0, g0), (l1, g1) = (torch.load(tmp_path / f"global{r}.pt") for r in (0, 1))
-    torch.testing.assert_close(l0, losses["sp"].detach())
-    torch.testing.assert_close(l1, l0)
-    torch.testing.assert_close(g0, task.model.w.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g1, g0)
-    (m0, _), (m1, _) = (torch.load(tmp_path / f"local{r}.pt") for r in (0, 1))
-    assert not math.isclose(m0.item(), losses["sp"].item(), rel_tol=1e-3) and not math.isclose(m0.item(), m1.item())
+    assert_global_relations_match_single_process(tmp_path, "sp", side=2)
 
 
 def test_teacher_is_frozen_while_the_student_trains():
-    torch.manual_seed(0)
-    teacher, student = build_model("resnet8", 10), build_model("resnet8", 10)
-    before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    frozen = FrozenTeacher(teacher)
-    method = SP(SP.resolve_config("resnet8", {}), setup(frozen, classes=10))
-    assert list(method.parameters()) == [] and method.state_dict() == {}
-    student.train(), method.train()
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    student_before = [p.clone() for p in student.parameters()]
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        batch = Batch(x=torch.randn(4, 3, 16, 16, generator=g), y=torch.randint(0, 10, (4,), generator=g),
-                      index=torch.arange(4))
-        losses = method(student, batch, step())
-        assert losses["sp"] > 0
-        opt.zero_grad()
-        sum(losses.values()).backward()
-        opt.step()
-    assert not teacher.training
-    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
-    for k, v in teacher.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert any(not torch.equal(a, b) for a, b in zip(student_before, student.parameters()))
-    SP(SP.resolve_config("resnet8", {}), setup(frozen, classes=10)).load_state_dict(method.state_dict())
+    assert_teacher_stays_frozen(SP, setup, random_batches(3, 4, classes=10, size=16), step, key="sp")
 
 
 def test_defaults_and_refusals():

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
-from torch import nn
+from helpers import (LinearProbe, assert_teacher_untouched, make_setup, make_step, random_batch, ref_ce,
+                     ref_softmax, snapshot)
 
 from ipsd.config import ConfigError, load_run_config
 from ipsd.engine import Task, train
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 from ipsd.models import build_model
 from ipsd.teacher import FrozenTeacher, load_teacher
 
@@ -20,41 +21,12 @@ REG, SELF = METHODS.get("tfkd_reg"), METHODS.get("tfkd_self")
 
 
 def setup(model="resnet18", classes=5, teacher=None):
-    return Setup(model, num_classes=classes, image_size=32, train_size=100, epochs=240, batch_size=6, teacher=teacher)
+    return make_setup(model, classes, batch_size=6, teacher=teacher)
 
 
 def self_method(teacher_dir, model="resnet8", classes=10, **args):
     """TF-KD_self as the engine builds it: the run-level teacher arrives in setup.teacher."""
     return SELF(SELF.resolve_config(model, args), setup(model, classes, FrozenTeacher.load(teacher_dir)))
-
-
-class LinearProbe(nn.Module):
-    def __init__(self, classes=5, seed=0):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(seed)) * 0.05)
-        self.outputs = []
-
-    def forward(self, x, features=False):
-        z = x.flatten(1) @ self.w
-        if z.requires_grad:
-            z.retain_grad()
-        self.outputs.append(z)
-        return z
-
-
-def make_batch(b=6, classes=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return Batch(x=torch.randn(b, 3, 32, 32, generator=g), y=torch.randint(0, classes, (b,), generator=g),
-                 index=torch.arange(b))
-
-
-def step():
-    return Step(1, 240, torch.Generator().manual_seed(0))
-
-
-def softmax(z):
-    e = torch.exp(z - z.max(1, keepdim=True).values)
-    return e / e.sum(1, keepdim=True)
 
 
 def peaked(y, classes, p=0.99):
@@ -64,10 +36,6 @@ def peaked(y, classes, p=0.99):
         for k in range(classes):
             q[i, k] = p if k == yi else (1 - p) / (classes - 1)
     return q
-
-
-def ce_ref(z, y):
-    return -torch.log(softmax(z))[torch.arange(len(y)), y].mean()
 
 
 # ----------------------------------------------------------------------------------------- TF-KD_reg
@@ -86,12 +54,12 @@ def test_virtual_teacher_matches_the_spec_numbers(T, u_y):
 @pytest.mark.parametrize("T,alpha,m", [(20.0, 0.1, 100.0), (10.0, 0.95, 1.0), (3.0, 0.5, 7.0)])
 def test_code_form_equals_reference(T, alpha, m):
     method = REG(REG.resolve_config("resnet18", {"T": T, "alpha": alpha, "multiplier": m}), setup())
-    model, batch = LinearProbe(), make_batch()
-    losses = method(model, batch, step())
+    model, batch = LinearProbe(), random_batch()
+    losses = method(model, batch, make_step())
     z = model.outputs[0].detach().double()
-    u = softmax(peaked(batch.y, 5) / T)  # softmax of the probability vector / T
-    kl_elementwise_mean = (u * torch.log(u / softmax(z))).mean()  # legacy nn.KLDivLoss() reduction
-    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ce_ref(z, batch.y)).item(), rel_tol=1e-5)
+    u = ref_softmax(peaked(batch.y, 5) / T)  # softmax of the probability vector / T
+    kl_elementwise_mean = (u * torch.log(u / ref_softmax(z))).mean()  # legacy nn.KLDivLoss() reduction
+    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ref_ce(z, batch.y)).item(), rel_tol=1e-5)
     assert math.isclose(losses["kd"].item(), (alpha * m * kl_elementwise_mean).item(), rel_tol=1e-4, abs_tol=1e-9)
     assert losses["kd"] > 0
 
@@ -99,40 +67,40 @@ def test_code_form_equals_reference(T, alpha, m):
 def test_resnet18_code_form_is_point9_ce_plus_point1_batchmean_kl_at_100_classes():
     """P15: m=100 with C=100 turns the elementwise mean back into the batchmean KL."""
     method = REG(REG.resolve_config("resnet18", {}), setup(classes=100))
-    model, batch = LinearProbe(classes=100), make_batch(classes=100)
-    kd = method(model, batch, step())["kd"]
+    model, batch = LinearProbe(classes=100), random_batch(classes=100)
+    kd = method(model, batch, make_step())["kd"]
     z = model.outputs[0].detach().double()
-    u = softmax(peaked(batch.y, 100) / 20)
-    assert math.isclose(kd.item(), (0.1 * (u * torch.log(u / softmax(z))).sum(1).mean()).item(), rel_tol=1e-4)
+    u = ref_softmax(peaked(batch.y, 100) / 20)
+    assert math.isclose(kd.item(), (0.1 * (u * torch.log(u / ref_softmax(z))).sum(1).mean()).item(), rel_tol=1e-4)
 
 
 def test_paper_form_equals_reference():
     T, alpha = 4.0, 0.3
     method = REG(REG.resolve_config("resnet18", {"T": T, "alpha": alpha, "form": "paper", "multiplier": 9.0}), setup())
-    model, batch = LinearProbe(), make_batch()
-    losses = method(model, batch, step())
+    model, batch = LinearProbe(), random_batch()
+    losses = method(model, batch, make_step())
     z = model.outputs[0].detach().double()
     q = peaked(batch.y, 5) ** (1 / T)
     pd = q / q.sum(1, keepdim=True)  # the peaked teacher softened at T
-    ref = alpha * T * T * (pd * torch.log(pd / softmax(z / T))).sum(1).mean()  # multiplier unused
+    ref = alpha * T * T * (pd * torch.log(pd / ref_softmax(z / T))).sum(1).mean()  # multiplier unused
     assert math.isclose(losses["kd"].item(), ref.item(), rel_tol=1e-4)
-    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ce_ref(z, batch.y)).item(), rel_tol=1e-5)
+    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ref_ce(z, batch.y)).item(), rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("form", ["code", "paper"])
 def test_reg_gradient(form):
     T, alpha, m = 5.0, 0.4, 20.0
     method = REG(REG.resolve_config("resnet18", {"T": T, "alpha": alpha, "multiplier": m, "form": form}), setup())
-    model, batch = LinearProbe(), make_batch()
-    sum(method(model, batch, step()).values()).backward()
+    model, batch = LinearProbe(), random_batch()
+    sum(method(model, batch, make_step()).values()).backward()
     z = model.outputs[0]
     zd, b, onehot = z.detach().double(), len(batch.y), torch.eye(5, dtype=torch.float64)[batch.y]
-    g_ce = (1 - alpha) * (softmax(zd) - onehot) / b
+    g_ce = (1 - alpha) * (ref_softmax(zd) - onehot) / b
     if form == "code":  # student at T=1, target u constant, KL scaled by m/(B*C)
-        g_kd = alpha * m / 5 * (softmax(zd) - softmax(peaked(batch.y, 5) / T)) / b
+        g_kd = alpha * m / 5 * (ref_softmax(zd) - ref_softmax(peaked(batch.y, 5) / T)) / b
     else:  # d/dz T^2 KL(p_d || softmax(z/T)) = T (softmax(z/T) - p_d)
         q = peaked(batch.y, 5) ** (1 / T)
-        g_kd = alpha * T * (softmax(zd / T) - q / q.sum(1, keepdim=True)) / b
+        g_kd = alpha * T * (ref_softmax(zd / T) - q / q.sum(1, keepdim=True)) / b
     torch.testing.assert_close(z.grad.double(), g_ce + g_kd, rtol=1e-4, atol=1e-7)
 
 
@@ -164,10 +132,6 @@ def teacher_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     return train(load_run_config(None, ["method=hard", "model=resnet8", "dataset=digits", "per_class=10",
                                         "test_per_class=5", "epochs=1", f"out={out}", "progress=false"]))
-
-
-def snapshot(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 def test_load_teacher_record_and_frozen_state(teacher_dir):
@@ -228,15 +192,12 @@ def test_teacher_is_outside_optimizer_checkpoint_ddp_and_never_changes(teacher_d
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-        losses = task(Batch(x=x, y=y, index=torch.arange(8)), step())
+        losses = task(Batch(x=x, y=y, index=torch.arange(8)), make_step())
         opt.zero_grad()
         sum(losses.values()).backward()
         opt.step()
         assert losses["kd"] > 0
-    assert not teacher.training
-    assert all(p.grad is None for p in teacher.parameters())
-    after = snapshot(teacher)
-    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN running stats/counters
+    assert_teacher_untouched(teacher, before)  # weights and BN running stats/counters
     assert any(not torch.equal(student_before[k], v) for k, v in snapshot(student).items())
 
 
@@ -245,17 +206,17 @@ def test_self_loss_equals_reference_and_gradient_reaches_only_the_student(teache
     method = self_method(teacher_dir, T=T, alpha=alpha, multiplier=m)
     teacher_probe = LinearProbe(classes=10, seed=1)
     method.teacher = FrozenTeacher(teacher_probe)  # a teacher whose logits the test can read
-    model, batch = LinearProbe(classes=10), make_batch(classes=10)
-    losses = method(model, batch, step())
+    model, batch = LinearProbe(classes=10), random_batch(classes=10)
+    losses = method(model, batch, make_step())
     sum(losses.values()).backward()
     z, zt = model.outputs[0], teacher_probe.outputs[0]
     assert not zt.requires_grad and teacher_probe.w.grad is None
     assert z.grad is not None and z.grad.abs().sum() > 0
     zd, ztd = z.detach().double(), zt.double()
-    pt, ps = softmax(ztd / T), softmax(zd / T)
+    pt, ps = ref_softmax(ztd / T), ref_softmax(zd / T)
     kl_mean = (pt * torch.log(pt / ps)).mean()  # elementwise mean over B*C
     assert math.isclose(losses["kd"].item(), (alpha * m * T * T * kl_mean).item(), rel_tol=1e-4)
-    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ce_ref(zd, batch.y)).item(), rel_tol=1e-5)
+    assert math.isclose(losses["ce"].item(), ((1 - alpha) * ref_ce(zd, batch.y)).item(), rel_tol=1e-5)
 
 
 def test_self_per_model_defaults():

@@ -88,7 +88,7 @@ class DeviceLoader:
         """Crop + flip, then per-sample RandAugment and Cutout on the device (VRM's virtual view)."""
         from .randaugment import rand_augment
 
-        return self.normalise(rand_augment(self.crop_flip(idx, g), g))
+        return self.normalise(rand_augment(self.crop_flip(idx, g), g, **dict(self.needs.strong_args)))
 
     def normalise(self, x_u8: Tensor) -> Tensor:
         x = x_u8.float() * self.scale + self.shift
