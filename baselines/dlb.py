@@ -27,9 +27,8 @@ loader re-applies the random transform. Loss and state are as in the code form. 
 mini-batch size n corresponds to ``batch_size = n / 2`` here (the paper's CIFAR n=64 -> 32); with
 the same ``batch_size`` both forms see the same images per step and differ only in BatchNorm.
 
-Under DDP each rank carries its own previous batch (per-rank state, no synchronisation needed for
-the loss). For an exact resume, ``epoch_end`` gathers every rank's state so that rank 0's
-checkpoint holds all of them; on load each rank takes back its own.
+Under DDP each rank carries its own previous batch (``per_rank_state``: the engine's checkpoint keeps
+every rank's copy and each rank takes back its own on resume).
 
 Not settled by the spec / assumptions:
 * T=3, alpha=1 from the paper (``dlb.py`` has no defaults).
@@ -43,10 +42,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor, nn
 
-from ipsd import dist
 from ipsd.config import param
 from ipsd.losses import ce, kl_t2
 from ipsd.method import (
@@ -80,10 +77,6 @@ class LastBatch:
         return {"x": self.x, "y": self.y, "z": self.z}
 
 
-def _rank() -> int:
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-
-
 def _like(x: Tensor, ref: Tensor) -> Tensor:
     """``x`` on ``ref``'s device and memory format (a restored image batch may be contiguous)."""
     x = x.to(ref.device)
@@ -95,12 +88,12 @@ def _like(x: Tensor, ref: Tensor) -> Tensor:
 @register_method("dlb")
 class DLB(Method):
     Config = DLBConfig
+    per_rank_state = True
 
     def __init__(self, cfg: DLBConfig, setup: Setup):
         super().__init__(cfg, setup)
         self.needs = Needs(views=2)
         self.last: LastBatch | None = None  # this rank's previous batch
-        self._saved: list[dict[str, Tensor] | None] | None = None  # every rank's state, for the checkpoint
 
     def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:
         c, last = self.cfg, self.last
@@ -117,44 +110,11 @@ class DLB(Method):
             losses = {"ce": ce(torch.cat([z_old, z]), torch.cat([y_old, batch.y])),
                       "kd": c.alpha * kl_t2(t_old, z_old, c.T)}
         self.last = LastBatch(batch.view2, batch.y, z.detach().float())
-        self._saved = None
         return losses
 
-    def epoch_end(self, step: Step) -> None:
-        """Under DDP, collect every rank's carried batch so that rank 0's checkpoint restores all ranks."""
-        if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-            self._saved = self._gather(step.generator.device)
-
-    def _gather(self, device: torch.device) -> list[dict[str, Tensor] | None]:
-        last = self.last
-        meta = torch.zeros(6, dtype=torch.long, device=device)  # [n, C, H, W, K, has]
-        if last is not None:
-            meta[:] = torch.tensor([len(last.y), *last.x.shape[1:], last.z.shape[1], 1])
-        metas = dist.all_gather_cat(meta[None]).tolist()
-        have = [m for m in metas if m[5]]
-        if not have:
-            return [None] * len(metas)
-        n_max = max(m[0] for m in have)
-        _, c, h, w, k, _ = have[0]
-        x = torch.zeros(n_max, c, h, w, device=device)
-        y = torch.zeros(n_max, dtype=torch.long, device=device)
-        z = torch.zeros(n_max, k, device=device)
-        if last is not None:
-            n = len(last.y)
-            x[:n], y[:n], z[:n] = last.x, last.y, last.z
-        xs, ys, zs = (dist.all_gather_cat(t).split(n_max) for t in (x, y, z))
-        return [{"x": xs[r][: m[0]].clone(), "y": ys[r][: m[0]].clone(), "z": zs[r][: m[0]].clone()} if m[5] else None
-                for r, m in enumerate(metas)]
-
     def get_extra_state(self) -> dict[str, Any]:
-        """Per-rank carried batches (all ranks after a DDP ``epoch_end``, else this rank's only)."""
-        if self._saved is not None:
-            return {"per_rank": self._saved}
-        return {"per_rank": [self.last.as_dict() if self.last is not None else None]}
+        """This rank's carried batch (empty before the first step)."""
+        return self.last.as_dict() if self.last is not None else {}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        per_rank = state["per_rank"]
-        rank = _rank()
-        mine = per_rank[rank] if rank < len(per_rank) else None
-        self.last = LastBatch(mine["x"], mine["y"], mine["z"]) if mine is not None else None
-        self._saved = list(per_rank)
+        self.last = LastBatch(state["x"], state["y"], state["z"]) if state else None

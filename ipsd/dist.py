@@ -71,6 +71,15 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
             dist.broadcast(b, 0)
 
 
+def gather_objects(obj):
+    """Every rank's picklable ``obj`` as a list indexed by rank (``[obj]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -94,6 +94,30 @@ class Task(nn.Module):
         return self.method(self.model, batch, step)
 
 
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def method_checkpoint(method: Method, info: dist.DistInfo) -> dict[str, Any]:
+    """The method's part of a checkpoint; a method with per-rank state also gets every rank's copy."""
+    part = {"method": method.state_dict()}
+    if method.per_rank_state and info.enabled:
+        part["method_per_rank"] = dist.gather_objects(_to_cpu(method.state_dict()))
+    return part
+
+
+def restore_method(method: Method, ckpt: dict[str, Any], rank: int) -> None:
+    """Load this rank's method state (its own copy when the checkpoint holds one per rank)."""
+    per_rank = ckpt.get("method_per_rank")
+    method.load_state_dict(per_rank[rank] if per_rank and rank < len(per_rank) else ckpt["method"])
+
+
 def wrap_ddp(task: Task, device: torch.device) -> DDP:
     """DDP over model + method extras; the method's own state (``ddp_ignored``) is neither synced nor broadcast."""
     DDP._set_params_and_buffers_to_ignore_for_model(task, [f"method.{n}" for n in task.method.ddp_ignored()])
@@ -199,7 +223,7 @@ def train(cfg: RunConfig) -> Path:
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ckpt["model"])
-        method.load_state_dict(ckpt["method"])
+        restore_method(method, ckpt, info.rank)
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = ckpt["state"]
@@ -274,8 +298,9 @@ def train(cfg: RunConfig) -> Path:
         state["wall_seconds"] += time.perf_counter() - wall_start
         wall_start = time.perf_counter()
         done_here += 1
+        method_part = method_checkpoint(method, info)  # collective under DDP: every rank takes part
         if info.main:
-            ckpt = {"model": model.state_dict(), "method": method.state_dict(), "optimizer": optimizer.state_dict(),
+            ckpt = {"model": model.state_dict(), **method_part, "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(), "state": state}
             runs.atomic_torch_save(ckpt_path, ckpt)
             runs.atomic_write_text(folder / "log.jsonl", "".join(runs.json_line(r) for r in state["history"]))

@@ -84,6 +84,8 @@ class Method(nn.Module):
 
     Config: ClassVar[type] = NoConfig
     needs_teacher: ClassVar[bool] = False  # True: the run must name a `teacher`; it arrives as setup.teacher
+    # True: the state differs between ranks (e.g. DLB's previous batch); checkpoints keep every rank's copy.
+    per_rank_state: ClassVar[bool] = False
     # Per-model hyper-parameter overrides from the paper: {model name: {field: value}}.
     model_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 

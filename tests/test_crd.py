@@ -1,17 +1,14 @@
 """CRD: NCE loss and gradients against an independent reference, memory update, Z, the negative sampler,
 the frozen teacher, state round trip, and identical memory banks across two DDP ranks."""
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as tdist
-import torch.multiprocessing as mp
+from helpers import assert_teacher_untouched, gloo_group, make_step, snapshot, spawn_two
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, Setup, load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 
@@ -63,7 +60,7 @@ def batch(index, seed=1):
 
 
 def step(seed=0):
-    return Step(1, 2, torch.Generator().manual_seed(seed))
+    return make_step(epochs=2, seed=seed)
 
 
 def same_draw(method, b, s):
@@ -239,7 +236,7 @@ def test_teacher_frozen_heads_trained_bn_untouched():
     torch.manual_seed(0)
     student, teacher_net = build_model("resnet8", 4), build_model("resnet8x4", 4)
     teacher = FrozenTeacher(teacher_net)
-    before = {k: v.clone() for k, v in teacher_net.state_dict().items()}
+    before = snapshot(teacher_net)
     labels = torch.arange(32) % 4
     setup = with_labels(labels, model="resnet8", num_classes=4, image_size=32, train_size=32, epochs=2, batch_size=8,
                         family="cifar_resnet", stage_channels=tuple(student.stage_channels),
@@ -264,10 +261,7 @@ def test_teacher_frozen_heads_trained_bn_untouched():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert not teacher_net.training
-    assert all(p.grad is None and not p.requires_grad for p in teacher_net.parameters())
-    for k, v in teacher_net.state_dict().items():
-        assert torch.equal(v, before[k]), k  # weights and BN running statistics
+    assert_teacher_untouched(teacher_net, before)  # weights and BN running statistics
     for n, p in method.named_parameters():
         assert not torch.equal(p, heads[n]), n  # both heads were optimised
 
@@ -331,35 +325,27 @@ SHARDS = [([0, 1, 2], [3, 4, 5]), ([0, 6, 7], [3, 8, 9]), ([1, 4, 6], [2, 5, 8])
 def _ddp_worker(rank, port, out):
     from ipsd.engine import Task, wrap_ddp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    method = tiny()  # same seed on both ranks, as the engine seeds
-    if rank == 1:
-        method.memory_s.add_(1.0)  # a diverged start: the first step adopts rank 0's banks
-    task = wrap_ddp(Task(TinyNet(DS, C, seed=5), method), torch.device("cpu"))
-    opt = torch.optim.SGD(task.parameters(), lr=0.1)
-    seen = []
-    for t in range(3):
-        index = torch.tensor(SHARDS[t][rank])  # disjoint per step, like the loader's rank shards
-        seen.append(index)
-        loss = sum(task(batch(index, seed=10 * t + rank), Step(1, 2, torch.Generator().manual_seed(rank))).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    torch.save({"memory_s": method.memory_s, "memory_t": method.memory_t, "z": (method.z_s, method.z_t),
-                "seen": torch.cat(seen)}, f"{out}/bank{rank}.pt")
-    tdist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with gloo_group(rank, port):
+        torch.set_num_threads(1)
+        method = tiny()  # same seed on both ranks, as the engine seeds
+        if rank == 1:
+            method.memory_s.add_(1.0)  # a diverged start: the first step adopts rank 0's banks
+        task = wrap_ddp(Task(TinyNet(DS, C, seed=5), method), torch.device("cpu"))
+        opt = torch.optim.SGD(task.parameters(), lr=0.1)
+        seen = []
+        for t in range(3):
+            index = torch.tensor(SHARDS[t][rank])  # disjoint per step, like the loader's rank shards
+            seen.append(index)
+            loss = sum(task(batch(index, seed=10 * t + rank), step(rank)).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        torch.save({"memory_s": method.memory_s, "memory_t": method.memory_t, "z": (method.z_s, method.z_t),
+                    "seen": torch.cat(seen)}, f"{out}/bank{rank}.pt")
 
 
 def test_memory_banks_identical_on_two_ranks(tmp_path):
-    mp.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_ddp_worker, str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"bank{r}.pt") for r in (0, 1))
     assert torch.equal(r0["memory_s"], r1["memory_s"]) and torch.equal(r0["memory_t"], r1["memory_t"])
     assert r0["z"] == r1["z"] and r0["z"][0] > 0

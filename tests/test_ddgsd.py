@@ -3,14 +3,15 @@ import math
 
 import pytest
 import torch
+from helpers import make_setup, make_step, ref_ce, ref_kl
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 from ipsd.models.base import Features
 
 DDGSD = load_methods().get("ddgsd")
-SETUP = Setup("resnet18", num_classes=5, image_size=32, train_size=100, epochs=240, batch_size=4)
+SETUP = make_setup()
 
 
 class FeatureProbe(nn.Module):
@@ -41,22 +42,10 @@ def make_batch(b=4, seed=1):
                  view2=x.flip(3) + 0.3 * torch.randn(b, 3, 32, 32, generator=g))
 
 
-def step():
-    return Step(1, 240, torch.Generator().manual_seed(0))
-
-
 def reference(z1, z2, h1, h2, y, T, lam, ce_weight):
     """Spec b.3 with plain formulas."""
-    def ce(z):
-        logp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
-        return -logp[torch.arange(len(y)), y].mean()
-
-    def kl(t, s):  # KL(softmax(t/T) || softmax(s/T)) summed over classes, batch mean, times T^2
-        q = torch.exp(t / T) / torch.exp(t / T).sum(1, keepdim=True)
-        p = torch.exp(s / T) / torch.exp(s / T).sum(1, keepdim=True)
-        return T * T * (q * torch.log(q / p)).sum(1).mean()
-
-    return (ce_weight * 0.5 * (ce(z1) + ce(z2)), kl(z2, z1) + kl(z1, z2), lam * (h1.mean() - h2.mean()) ** 2)
+    return (ce_weight * 0.5 * (ref_ce(z1, y) + ref_ce(z2, y)), ref_kl(z2, z1, T) + ref_kl(z1, z2, T),
+            lam * (h1.mean() - h2.mean()) ** 2)
 
 
 @pytest.mark.parametrize("T,lam,ce_weight,forward", [(4.0, 5e-4, 1.0, "joint"), (2.0, 0.3, 0.5, "joint"),
@@ -65,7 +54,7 @@ def test_loss_equals_reference(T, lam, ce_weight, forward):
     args = {"T": T, "lambda_mmd": lam, "ce_weight": ce_weight, "forward": forward}
     method = DDGSD(DDGSD.resolve_config("resnet18", args), SETUP)
     model, batch = FeatureProbe(), make_batch()
-    losses = method(model, batch, step())
+    losses = method(model, batch, make_step())
     assert set(losses) == {"ce", "kd", "mmd"}
     if forward == "joint":  # one call on the concatenation [view 1; view 2]
         assert len(model.inputs) == 1 and torch.equal(model.inputs[0], torch.cat([batch.x, batch.view2]))
@@ -86,7 +75,7 @@ def test_each_kl_target_is_detached():
     T = 4.0
     method = DDGSD(DDGSD.resolve_config("resnet18", {"T": T, "ce_weight": 0.0, "lambda_mmd": 0.0}), SETUP)
     model, batch = FeatureProbe(), make_batch()
-    sum(method(model, batch, step()).values()).backward()
+    sum(method(model, batch, make_step()).values()).backward()
     z = model.outputs[0]
     z1, z2 = z.detach().chunk(2)
     p1, p2 = torch.softmax(z1 / T, 1), torch.softmax(z2 / T, 1)
@@ -98,7 +87,7 @@ def test_each_kl_target_is_detached():
 def test_mmd_gradient_reaches_both_views_features():
     method = DDGSD(DDGSD.resolve_config("resnet18", {"ce_weight": 0.0, "lambda_mmd": 1.0, "T": 1e6}), SETUP)
     model, batch = FeatureProbe(), make_batch()
-    losses = method(model, batch, step())
+    losses = method(model, batch, make_step())
     h = model.pooled[0]
     (grad,) = torch.autograd.grad(losses["mmd"], h)
     g1, g2 = grad.chunk(2)

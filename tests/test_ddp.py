@@ -2,18 +2,16 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import gloo_group, make_setup, make_step, spawn_two
 from torch import nn
 
 from ipsd.engine import Task, wrap_ddp
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 
 
 class Probe(nn.Module):
@@ -31,7 +29,7 @@ class Probe(nn.Module):
 
 def make_task():
     ips = load_methods().get("ips")
-    setup = Setup("resnet18", 5, 32, 100, 240, 8)
+    setup = make_setup(batch_size=8)
     cfg = ips.resolve_config("resnet18", {"pr_schedule": "constant", "p_r": 0.0})
     return Task(Probe(), ips(cfg, setup))
 
@@ -48,25 +46,17 @@ def half(b, r):
 
 
 def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    task = wrap_ddp(make_task(), torch.device("cpu"))
-    losses = task(half(full_batch(), rank), Step(1, 240, torch.Generator().manual_seed(rank)))
-    sum(losses.values()).backward()
-    torch.save([p.grad for p in task.module.model.parameters()], f"{out}/grad{rank}.pt")
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with gloo_group(rank, port):
+        task = wrap_ddp(make_task(), torch.device("cpu"))
+        losses = task(half(full_batch(), rank), make_step(seed=rank))
+        sum(losses.values()).backward()
+        torch.save([p.grad for p in task.module.model.parameters()], f"{out}/grad{rank}.pt")
 
 
 def test_two_view_step_under_ddp_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_worker, str(tmp_path))
     task = make_task()
-    losses = task(full_batch(), Step(1, 240, torch.Generator().manual_seed(0)))
+    losses = task(full_batch(), make_step())
     sum(losses.values()).backward()
     ref = [p.grad for p in task.model.parameters()]
     g0, g1 = (torch.load(tmp_path / f"grad{r}.pt") for r in (0, 1))

@@ -3,28 +3,15 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from helpers import LinearProbe, make_setup, ref_ce
 
 from baselines.disturb import disturb_labels
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, Step, load_methods
 
 DISTURB = load_methods().get("disturb")
 C = 10
-SETUP = Setup("resnet18", num_classes=C, image_size=32, train_size=100, epochs=240, batch_size=8)
-
-
-class LinearProbe(nn.Module):
-    def __init__(self, classes=C):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3 * 32 * 32, classes, generator=torch.Generator().manual_seed(0)) * 0.05)
-        self.outputs = []
-
-    def forward(self, x, features=False):
-        z = x.flatten(1) @ self.w
-        z.retain_grad()
-        self.outputs.append(z)
-        return z
+SETUP = make_setup(classes=C, batch_size=8)
 
 
 def gen(seed):
@@ -66,7 +53,7 @@ def test_loss_is_ce_on_disturbed_labels_redrawn_every_step():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(64, 3, 32, 32, generator=gen(4))
     batch = Batch(x=x, y=torch.randint(0, C, (64,), generator=gen(5)), index=torch.arange(64))
-    model = LinearProbe()
+    model = LinearProbe(classes=C, always_grad=True)
     step = Step(1, 240, g)
     l1, l2 = method(model, batch, step)["ce"], method(model, batch, step)["ce"]
     assert not torch.isclose(l1, l2)  # the same batch is disturbed afresh at the next step
@@ -74,10 +61,10 @@ def test_loss_is_ce_on_disturbed_labels_redrawn_every_step():
     for loss, z in zip((l1, l2), model.outputs):
         yd = disturb_labels(batch.y, C, 0.5, g_ref)
         zd = z.detach().double()
-        ref = -(zd - torch.log(torch.exp(zd).sum(1, keepdim=True)))[torch.arange(64), yd].mean()
+        ref = ref_ce(zd, yd)
         assert math.isclose(loss.item(), ref.item(), rel_tol=1e-5)
     # gradient: softmax minus the one-hot of the disturbed label
-    model = LinearProbe()
+    model = LinearProbe(classes=C, always_grad=True)
     method(model, batch, Step(1, 240, gen(9)))["ce"].backward()
     z = model.outputs[0]
     yd = disturb_labels(batch.y, C, 0.5, gen(9))

@@ -6,9 +6,19 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import LinearProbe, gloo_group, make_setup, make_step, ref_ce, ref_kl, spawn_two
+from helpers import (
+    LinearProbe,
+    gloo_group,
+    make_setup,
+    make_step,
+    ref_ce,
+    ref_kl,
+    spawn_two,
+)
 
 from ipsd.config import ConfigError
+from ipsd.dist import DistInfo
+from ipsd.engine import method_checkpoint, restore_method
 from ipsd.method import Batch, load_methods
 
 DLB = load_methods().get("dlb")
@@ -163,12 +173,12 @@ def _ddp_worker(rank, port, path):
         method, model = make(), Probe()
         batch = make_batch(3 - rank, 10 + rank)  # ranks hold different (and differently sized) batches
         method(model, batch, step())
-        method.epoch_end(step())  # gathers every rank's carried batch
+        part = method_checkpoint(method, DistInfo(rank, 2))  # what the engine saves (collective)
         if rank == 0:
-            torch.save(method.state_dict(), path)
+            torch.save(part, path)
         dist.barrier()
         fresh = make()
-        fresh.load_state_dict(torch.load(path))
+        restore_method(fresh, torch.load(path), rank)
         assert torch.equal(fresh.last.x, batch.view2) and torch.equal(fresh.last.y, batch.y)
         assert torch.equal(fresh.last.z, method.last.z)
 

@@ -1,32 +1,17 @@
 """FER: loss against an independent reference, the memory update, sticky flags, the init epoch,
 gradients, checkpoint round trip, defaults, and identical memory on both ranks under DDP."""
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from helpers import Logits, gloo_group, make_setup, make_step, softmax_list, spawn_two
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 
 FER = load_methods().get("fer")
 C, N, E = 3, 10, 240
-SETUP = Setup("resnet18", num_classes=C, image_size=32, train_size=N, epochs=E, batch_size=4)
-
-
-class Logits(nn.Module):
-    """A "model" that returns the logits it was given (as a leaf, so its gradient can be read)."""
-
-    def __init__(self, z):
-        super().__init__()
-        self.z = torch.tensor(z, dtype=torch.float32, requires_grad=True)
-
-    def forward(self, x, features=False):
-        return self.z
+SETUP = make_setup(classes=C, train_size=N, epochs=E)
 
 
 def batch_for(y, index):
@@ -34,16 +19,11 @@ def batch_for(y, index):
 
 
 def step(epoch):
-    return Step(epoch, E, torch.Generator().manual_seed(0))
+    return make_step(epoch, E)
 
 
 def new(model="resnet18", **args):
     return FER(FER.resolve_config(model, args), SETUP)
-
-
-def softmax(row, T=1.0):
-    e = [math.exp(v / T) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def reference(z, y, memory, flags, e, T=5.0, gamma=0.1):
@@ -52,10 +32,10 @@ def reference(z, y, memory, flags, e, T=5.0, gamma=0.1):
     w_kd = (e / E) * (1 - gamma)
     ce = kd = 0.0
     for zi, yi, mi, fi in zip(z, y, memory, flags):
-        ce_i = -math.log(softmax(zi)[yi])
+        ce_i = -math.log(softmax_list(zi)[yi])
         if fi:
             ce += w_ce * ce_i
-            kd += w_kd * T * T * -sum(m * math.log(q) for m, q in zip(mi, softmax(zi, T)))
+            kd += w_kd * T * T * -sum(m * math.log(q) for m, q in zip(mi, softmax_list(zi, T)))
         else:
             ce += ce_i
     return ce / len(y), kd / len(y)
@@ -89,7 +69,7 @@ def test_memory_update_formula_and_sticky_flags():
     preset(method)
     method(Logits(Z), batch_for(Y, IDX), step(5))
     for i, (zi, yi, mi) in enumerate(zip(Z, Y, MEM)):
-        p, pT = softmax(zi), softmax(zi, 5.0)
+        p, pT = softmax_list(zi), softmax_list(zi, 5.0)
         if max(range(C), key=lambda k: zi[k]) == yi:
             w = 1 - math.exp(-0.7 * p[yi])
             expect = [(1 - w) * m + w * q for m, q in zip(mi, pT)]
@@ -109,12 +89,12 @@ def test_memory_update_formula_and_sticky_flags():
 def test_init_epoch_is_plain_ce_and_fills_the_memory():
     method = new()
     losses = method(Logits(Z), batch_for(Y, IDX), step(1))
-    ref_ce = sum(-math.log(softmax(z)[y]) for z, y in zip(Z, Y)) / len(Y)
+    ref_ce = sum(-math.log(softmax_list(z)[y]) for z, y in zip(Z, Y)) / len(Y)
     assert math.isclose(losses["ce"].item(), ref_ce, rel_tol=1e-5) and losses["kd"].item() == 0.0
     assert method.flags[torch.tensor(IDX)].tolist() == [True, True, True, False]  # e_init=1: updated in epoch 1
-    p = softmax(Z[0])
+    p = softmax_list(Z[0])
     w = 1 - math.exp(-1.0 * p[0])
-    torch.testing.assert_close(method.memory[7], torch.tensor([w * q for q in softmax(Z[0], 5.0)]))
+    torch.testing.assert_close(method.memory[7], torch.tensor([w * q for q in softmax_list(Z[0], 5.0)]))
 
 
 def test_epochs_before_the_last_init_epoch_do_not_touch_the_memory():
@@ -123,7 +103,7 @@ def test_epochs_before_the_last_init_epoch_do_not_touch_the_memory():
     assert method.flags.sum() == 0 and method.memory.abs().sum() == 0
     preset(method)  # even with memory, epoch 2 (= e_init) is still plain CE ...
     losses = method(Logits(Z), batch_for(Y, IDX), step(2))
-    ref_ce = sum(-math.log(softmax(z)[y]) for z, y in zip(Z, Y)) / len(Y)
+    ref_ce = sum(-math.log(softmax_list(z)[y]) for z, y in zip(Z, Y)) / len(Y)
     assert math.isclose(losses["ce"].item(), ref_ce, rel_tol=1e-5) and losses["kd"].item() == 0.0
     assert method.flags.sum() == 4  # ... but updates it
 
@@ -183,22 +163,14 @@ RANK_IDX = ([7, 2], [5, 0])
 
 
 def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    method = new()
-    method(Logits(RANK_Z[rank]), batch_for(RANK_Y[rank], RANK_IDX[rank]), step(1))
-    torch.save(method.state_dict(), f"{out}/fer{rank}.pt")
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with gloo_group(rank, port):
+        method = new()
+        method(Logits(RANK_Z[rank]), batch_for(RANK_Y[rank], RANK_IDX[rank]), step(1))
+        torch.save(method.state_dict(), f"{out}/fer{rank}.pt")
 
 
 def test_ddp_memory_identical_on_both_ranks(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_worker, str(tmp_path))
     s0, s1 = (torch.load(tmp_path / f"fer{r}.pt") for r in (0, 1))
     assert torch.equal(s0["memory"], s1["memory"]) and torch.equal(s0["flags"], s1["flags"])
     # rank 0 holds rank 1's update (index 5) and vice versa (index 7)

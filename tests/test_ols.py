@@ -1,32 +1,17 @@
 """OLS: loss against an independent reference, the soft-label matrix after an epoch of hand-made
 logits, gradients, checkpoint round trip, defaults, and the DDP all-reduce of the statistics."""
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch import nn
+from helpers import Logits, gloo_group, make_setup, make_step, ref_log_softmax, softmax_list, spawn_two
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, Step, load_methods
+from ipsd.method import Batch, load_methods
 
 OLS = load_methods().get("ols")
 C = 3
-SETUP = Setup("resnet18", num_classes=C, image_size=32, train_size=20, epochs=240, batch_size=4)
-
-
-class Logits(nn.Module):
-    """A "model" that returns the logits it was given (as a leaf, so its gradient can be read)."""
-
-    def __init__(self, z):
-        super().__init__()
-        self.z = torch.tensor(z, dtype=torch.float32, requires_grad=True)
-
-    def forward(self, x, features=False):
-        return self.z
+SETUP = make_setup(classes=C, train_size=20)
 
 
 def batch_for(y):
@@ -34,7 +19,7 @@ def batch_for(y):
 
 
 def step(epoch=2):
-    return Step(epoch, 240, torch.Generator().manual_seed(0))
+    return make_step(epoch)
 
 
 def new(**args):
@@ -44,7 +29,7 @@ def new(**args):
 def reference(z, y, S, alpha):
     """(1 - alpha) * mean CE + alpha * mean_i(-sum_k S[y_i, k] log softmax(z_i)_k), in float64."""
     z, S = torch.tensor(z, dtype=torch.float64), torch.tensor(S, dtype=torch.float64)
-    logp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
+    logp = ref_log_softmax(z)
     ce = -sum(logp[i, y[i]] for i in range(len(y))) / len(y)
     soft = -sum((S[y[i]] * logp[i]).sum() for i in range(len(y))) / len(y)
     return (1 - alpha) * ce.item(), alpha * soft.item()
@@ -75,11 +60,6 @@ def test_first_epoch_is_half_ce_because_the_matrix_starts_at_zero():
     assert math.isclose(sum(losses.values()).item(), ref_ce, rel_tol=1e-5)
 
 
-def softmax(row):
-    e = [math.exp(v) for v in row]
-    return [v / sum(e) for v in e]
-
-
 def test_matrix_after_an_epoch_is_the_mean_of_correct_samples_with_uniform_fallback():
     method = new()
     method.epoch_start(step(1))
@@ -88,7 +68,7 @@ def test_matrix_after_an_epoch_is_the_mean_of_correct_samples_with_uniform_fallb
     method(Logits(b1), batch_for([0, 1]), step(1))
     method(Logits(b2), batch_for([0, 2, 1]), step(1))
     method.epoch_end(step(1))
-    p = [softmax(r) for r in b1 + b2]
+    p = [softmax_list(r) for r in b1 + b2]
     expect = torch.tensor([
         [(p[0][k] + p[2][k]) / 2 for k in range(C)],  # two correct class-0 samples
         p[1],  # the one correct class-1 sample (the wrong one, p[4], is left out)
@@ -111,7 +91,7 @@ def test_no_smoothing_across_epochs():
         method.epoch_end(step(e))
     # epoch 2 saw no correct class-0 sample: class 0 falls back to uniform, it does not keep epoch 1's row
     torch.testing.assert_close(method.soft_labels[0], torch.full((C,), 1 / C))
-    torch.testing.assert_close(method.soft_labels[1], torch.tensor(softmax([0.0, 1.0, 0.0])))
+    torch.testing.assert_close(method.soft_labels[1], torch.tensor(softmax_list([0.0, 1.0, 0.0])))
 
 
 def test_gradient_is_ce_plus_soft_target_gradient_and_matrix_gets_none():
@@ -159,24 +139,16 @@ RANK_Y = ([0, 1], [0, 2])
 
 
 def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    method = new()
-    method.epoch_start(step(1))
-    method(Logits(RANK_LOGITS[rank]), batch_for(RANK_Y[rank]), step(1))
-    method.epoch_end(step(1))
-    torch.save(method.soft_labels, f"{out}/S{rank}.pt")
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with gloo_group(rank, port):
+        method = new()
+        method.epoch_start(step(1))
+        method(Logits(RANK_LOGITS[rank]), batch_for(RANK_Y[rank]), step(1))
+        method.epoch_end(step(1))
+        torch.save(method.soft_labels, f"{out}/S{rank}.pt")
 
 
 def test_ddp_ranks_hold_the_matrix_of_the_union_of_their_batches(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_two(_worker, str(tmp_path))
     s0, s1 = (torch.load(tmp_path / f"S{r}.pt") for r in (0, 1))
     assert torch.equal(s0, s1)
     single = new()
