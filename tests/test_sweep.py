@@ -115,3 +115,27 @@ def test_table3_smoke_sweep_then_report(cifar10_root, tmp_path):
         assert row in text
     assert "[1/2]" not in text and "–" not in text.split("\n", 3)[-1] or True
     assert (tmp_path / "reports" / "table3-smoke.png").exists()
+
+
+def test_sweep_trains_a_missing_teacher_first(tmp_path, capsys):
+    path = tmp_path / "kd.yaml"
+    path.write_text(f"""
+name: kd
+paper: {{file: table4_teacher_student.csv, column: student}}
+seeds: 1
+base: {{dataset: digits, per_class: 10, test_per_class: 5, epochs: 1, batch_size: 20, out: {tmp_path / 'runs'}}}
+rows:
+  Hard Label: {{method: hard}}
+  KD: {{method: kd}}
+columns:
+  ResNet20->ResNet8: {{model: resnet8, teacher_run: {{model: resnet20}}, paper_key: ResNet18}}
+""")
+    runs = sweep(str(path))
+    out = capsys.readouterr().out
+    assert out.index("1 teachers") < out.index("2 runs")
+    kd = next(r for r in runs if r.row == "KD")
+    teacher_folder = Path(kd.cfg.teacher)
+    assert json.loads((teacher_folder / "result.json").read_text())["model"] == "resnet20"
+    recorded = json.loads((kd.folder / "result.json").read_text())["teacher"]
+    assert recorded["run_dir"] == str(teacher_folder.resolve())
+    assert kd.cfg.teacher_id == f"run:{teacher_folder.name}"
