@@ -75,10 +75,6 @@ def resolve(cfg: RunConfig) -> Resolved:
     return Resolved(cfg, method_cls, method_cfg)
 
 
-def run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.out) / resolve(cfg).run_id
-
-
 def _log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
@@ -172,6 +168,36 @@ def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn}
 
 
+def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: DeviceLoader, step: Step, autocast,
+                 progress: bool, kept: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One pass over this rank's batches: summed loss terms and the number of anchors seen.
+
+    Non-finite losses are counted on the device and checked every CHECK_EVERY steps (on all ranks together),
+    so the hot loop does not synchronise on every step.
+    """
+    sums: dict[str, torch.Tensor] = {}
+    bad = torch.zeros((), device=loader.device)
+    anchors = 0
+    bar = tqdm(loader.epoch(step.epoch), total=len(loader), desc=f"epoch {step.epoch}/{step.epochs}", leave=False,
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for i, batch in enumerate(bar, 1):
+        with autocast():
+            losses = task(batch, step)
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        bad += ~torch.isfinite(loss.detach())
+        anchors += len(batch.y)
+        if (i % CHECK_EVERY == 0 or i == len(loader)) and dist.all_reduce_sum(bad.clone()).item() > 0:
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+            raise NonFiniteLoss(f"non-finite loss at epoch {step.epoch}, step {i} (last terms {terms}); training "
+                                f"stopped. {kept}. Lower the LR or check the method's hyper-parameters.")
+    return sums, anchors
+
+
 def train(cfg: RunConfig) -> Path:
     """Run (or resume, or return) the run ``cfg`` describes; returns its folder."""
     info, device = dist.init(cfg.device)
@@ -253,30 +279,9 @@ def train(cfg: RunConfig) -> Path:
             group["lr"] = lr
         step = Step(epoch, cfg.epochs, generator(device, "method", cfg.seed, epoch, info.rank), cfg.schedule_ref_epochs)
         method.epoch_start(step)
-        sums: dict[str, torch.Tensor] = {}
-        bad = torch.zeros((), device=device)
-        anchors = 0
         t0 = time.perf_counter()
-        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and info.main), file=sys.stderr, dynamic_ncols=True)
-        for i, batch in enumerate(bar, 1):
-            with autocast():
-                losses = task(batch, step)
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.detach().float()
-            bad += ~torch.isfinite(loss.detach())
-            anchors += len(batch.y)
-            if i % CHECK_EVERY == 0 or i == len(loader):
-                if dist.all_reduce_sum(bad.clone()).item() > 0:
-                    terms = {k: float(v.detach()) for k, v in losses.items()}
-                    raise NonFiniteLoss(
-                        f"non-finite loss at epoch {epoch}, step {i} (last terms {terms}); training stopped. "
-                        f"{folder} keeps the last good checkpoint (epoch {state['epoch']}). "
-                        f"Lower the LR or check the method's hyper-parameters.")
+        sums, anchors = _train_epoch(task, optimizer, loader, step, autocast, cfg.progress and info.main,
+                                     f"{folder} keeps the last good checkpoint (epoch {state['epoch']})")
         method.epoch_end(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
