@@ -7,8 +7,13 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import (assert_global_relations_match_single_process, assert_teacher_stays_frozen, make_step,
-                     random_batches, teacher_setup)
+from helpers import (
+    assert_global_relations_match_single_process,
+    assert_teacher_stays_frozen,
+    make_step,
+    random_batches,
+    teacher_setup,
+)
 from torch import nn
 
 from ipsd.config import ConfigError

@@ -7,8 +7,16 @@ import shutil
 
 import pytest
 import torch
-from helpers import (LinearProbe, assert_teacher_untouched, make_setup, make_step, random_batch, ref_ce,
-                     ref_softmax, snapshot)
+from helpers import (
+    LinearProbe,
+    assert_teacher_untouched,
+    make_setup,
+    make_step,
+    random_batch,
+    ref_ce,
+    ref_softmax,
+    snapshot,
+)
 
 from ipsd.config import ConfigError, load_run_config
 from ipsd.engine import Task, train
