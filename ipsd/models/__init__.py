@@ -1,5 +1,5 @@
-"""CIFAR model zoo (RepDistiller definitions); importing this package registers every model."""
-from ipsd.models import cifar_resnet, resnet, shufflenet, vgg  # noqa: F401  (registration side effects)
+"""Model zoo: CIFAR (RepDistiller definitions) and ImageNet-input models; importing this package registers them."""
+from ipsd.models import cifar_resnet, imagenet, resnet, shufflenet, vgg  # noqa: F401  (registration side effects)
 from ipsd.models.base import (
     MODELS,
     Backbone,

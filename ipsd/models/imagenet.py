@@ -7,6 +7,8 @@ the reference's own, so parameter counts, initialisation and ``parameters()`` or
 reference's (``tests/test_imagenet_models.py`` loads a reference state in that order and
 compares outputs); the classifier is the reference's ``nn.Linear`` head sized for
 ``num_classes`` (same init as the reference), exposed as ``classifier``.
+torchvision and timm are imported on a model's first build, not with this module (they
+add seconds to start-up).
 
 Taps (shapes at 224x224):
 
@@ -42,15 +44,16 @@ deterministic); ``build_mvitv2(num_classes, drop_path_rate=0.1)`` gives the orig
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING
 
-import timm
-import torchvision
 from torch import Tensor, nn
 
 from ipsd.models.base import Backbone, register_model
 
-__all__ = ["ImageNetResNet", "MobileNetV2", "MViTv2", "build_mvitv2", "mobilenetv2_stage_ends"]
+if TYPE_CHECKING:
+    import torchvision
+
+__all__ = ["ImageNetResNet", "MViTv2", "MobileNetV2", "build_mvitv2", "mobilenetv2_stage_ends"]
 
 
 class ImageNetResNet(Backbone):
@@ -79,28 +82,37 @@ def _out_channels(stage: nn.Sequential) -> int:
     return [m for m in stage.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
-def _torchvision_resnet(arch: Callable[..., torchvision.models.ResNet], num_classes: int) -> ImageNetResNet:
-    return ImageNetResNet(arch(weights=None, num_classes=num_classes))
+def _torchvision_resnet(arch: str, num_classes: int) -> ImageNetResNet:
+    import torchvision.models  # imported on first build: it costs seconds at start-up
+
+    return ImageNetResNet(getattr(torchvision.models, arch)(weights=None, num_classes=num_classes))
+
+
+def _timm_model(arch: str, num_classes: int, **kwargs: object) -> nn.Module:
+    """A randomly initialised timm model (never downloads); timm is imported on first build."""
+    import timm
+
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 @register_model("imagenet_resnet18", "ResNet18", family="imagenet_resnet", lr=0.1)
 def imagenet_resnet18(num_classes: int) -> ImageNetResNet:
-    return _torchvision_resnet(torchvision.models.resnet18, num_classes)
+    return _torchvision_resnet("resnet18", num_classes)
 
 
 @register_model("imagenet_resnet34", "ResNet34", family="imagenet_resnet", lr=0.1)
 def imagenet_resnet34(num_classes: int) -> ImageNetResNet:
-    return _torchvision_resnet(torchvision.models.resnet34, num_classes)
+    return _torchvision_resnet("resnet34", num_classes)
 
 
 @register_model("imagenet_resnet50", "ResNet50", family="imagenet_resnet", lr=0.1)
 def imagenet_resnet50(num_classes: int) -> ImageNetResNet:
-    return _torchvision_resnet(torchvision.models.resnet50, num_classes)
+    return _torchvision_resnet("resnet50", num_classes)
 
 
 @register_model("imagenet_resnet152", "ResNet152", family="imagenet_resnet", lr=0.1)
 def imagenet_resnet152(num_classes: int) -> ImageNetResNet:
-    return _torchvision_resnet(torchvision.models.resnet152, num_classes)
+    return _torchvision_resnet("resnet152", num_classes)
 
 
 # ----------------------------------------------------------------------------- MobileNetV2
@@ -155,7 +167,7 @@ class MobileNetV2(Backbone):
 
 @register_model("mobilenetv2", "MobileNetV2", family="mobilenet", lr=0.05)
 def mobilenetv2(num_classes: int) -> MobileNetV2:
-    return MobileNetV2(timm.create_model("mobilenetv2_100", pretrained=False, num_classes=num_classes))
+    return MobileNetV2(_timm_model("mobilenetv2_100", num_classes))
 
 
 # ----------------------------------------------------------------------------- MViTv2
@@ -200,8 +212,7 @@ class MViTv2(Backbone):
 
 def build_mvitv2(num_classes: int, drop_path_rate: float = 0.0) -> MViTv2:
     """MViTv2-T; the original recipe uses ``drop_path_rate=0.1`` (the registry builds with 0)."""
-    return MViTv2(timm.create_model("mvitv2_tiny", pretrained=False, num_classes=num_classes,
-                                    drop_path_rate=drop_path_rate))
+    return MViTv2(_timm_model("mvitv2_tiny", num_classes, drop_path_rate=drop_path_rate))
 
 
 @register_model("mvitv2", "MViTv2", family="mvit", lr=0.1)
