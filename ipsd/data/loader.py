@@ -1,9 +1,6 @@
 """On-device CIFAR loader: the uint8 train set lives on the training device; crop, flip,
-normalisation and pair sampling are batched tensor ops (no per-sample Python).
-
-Under DDP, every rank draws the same epoch permutation and takes a strided, disjoint share of it
-(the last ``N % world`` anchors of each permutation are dropped), so that the union of the ranks'
-step-k batches is exactly the single-process step-k batch.
+normalisation and pair sampling are batched tensor ops (no per-sample Python). Which anchors and
+partners each rank sees (also under DDP) is the EpochSampler's job.
 """
 from __future__ import annotations
 
@@ -16,6 +13,7 @@ from torch import Tensor
 from ..method import Batch, Needs
 from ..rng import generator
 from .datasets import ImageData
+from .sampler import EpochSampler
 
 PAD = 4  # RandomCrop(32, padding=4), zero fill
 
@@ -23,50 +21,24 @@ PAD = 4  # RandomCrop(32, padding=4), zero fill
 class DeviceLoader:
     def __init__(self, data: ImageData, device: torch.device, batch_size: int, needs: Needs,
                  seed: int, rank: int = 0, world: int = 1, channels_last: bool = False):
-        if batch_size % world:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}")
-        self.device, self.needs, self.seed = device, needs, seed
-        self.rank, self.world = rank, world
-        self.local_batch = batch_size // world
+        self.sampler = EpochSampler(data.train_y, data.num_classes, batch_size, needs, seed, rank, world, device)
+        self.device, self.needs, self.seed, self.rank, self.world = device, needs, seed, rank, world
+        self.local_batch = self.sampler.local_batch
         self.channels_last = channels_last
         self.size = data.image_size
         self.train = F.pad(data.train_x.to(device), (PAD,) * 4)  # padded once, cropped per batch
-        self.train_y = data.train_y.to(device)
+        self.train_y = self.sampler.labels
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std  # x/255 normalised = x*scale + shift
-        self.n = len(self.train_y)
-        if batch_size > self.n:
-            raise ValueError(f"batch_size={batch_size} is larger than the training set ({self.n} images)")
-        # class -> contiguous block of `by_class`; `slot[i]` = position of sample i inside its block
-        self.by_class = torch.argsort(self.train_y, stable=True)
-        counts = torch.bincount(self.train_y, minlength=data.num_classes)
-        self.class_start = torch.cumsum(counts, 0) - counts
-        self.class_count = counts
-        self.slot = torch.empty_like(self.by_class)
-        self.slot[self.by_class] = torch.arange(self.n, device=device) - self.class_start[self.train_y[self.by_class]]
-        if needs.pairs and not needs.self_pairs and int(counts[counts > 0].min()) < 2:
-            raise ValueError("pair sampling without self-pairs needs at least 2 training images per class")
 
     def __len__(self) -> int:
-        per_rank = self.n // self.world
-        return -(-per_rank // self.local_batch)
+        return len(self.sampler)
 
     @property
     def images_per_step(self) -> int:
         return self.local_batch * self.world * self.needs.images_per_anchor
-
-    def partners(self, anchors: Tensor, g: torch.Generator) -> Tensor:
-        """For each anchor, a uniformly drawn index of the same class (excluding itself unless allowed)."""
-        y = self.train_y[anchors]
-        count = self.class_count[y]
-        choices = count if self.needs.self_pairs else count - 1
-        r = (torch.rand(len(anchors), generator=g, device=self.device) * choices).long()
-        r = torch.minimum(r, choices - 1)
-        if not self.needs.self_pairs:
-            r = r + (r >= self.slot[anchors]).long()  # skip the anchor's own slot
-        return self.by_class[self.class_start[y] + r]
 
     def augment(self, idx: Tensor, g: torch.Generator) -> Tensor:
         """Train transform of images ``idx``: random crop + flip, then normalisation."""
@@ -96,19 +68,10 @@ class DeviceLoader:
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches for a 1-indexed epoch."""
-        g_sample = generator(self.device, "sampler", self.seed, epoch)  # identical on all ranks
         g_aug = generator(self.device, "augment", self.seed, epoch, self.rank)
-        perm = torch.randperm(self.n, generator=g_sample, device=self.device)
-        usable = self.n - self.n % self.world
-        partner_all = self.partners(perm, g_sample) if self.needs.pairs else None
-        shard = slice(self.rank, usable, self.world)
-        mine = perm[shard]
-        mine_partner = partner_all[shard] if partner_all is not None else None
-        for start in range(0, len(mine), self.local_batch):
-            idx = mine[start : start + self.local_batch]
+        for idx, pidx in self.sampler.epoch(epoch):
             batch = Batch(x=self.augment(idx, g_aug), y=self.train_y[idx], index=idx)
-            if mine_partner is not None:
-                pidx = mine_partner[start : start + self.local_batch]
+            if pidx is not None:
                 batch.partner, batch.partner_index = self.augment(pidx, g_aug), pidx
             if self.needs.views == 2:
                 batch.view2 = self.strong_augment(idx, g_aug) if self.needs.strong_view2 else self.augment(idx, g_aug)
