@@ -9,7 +9,7 @@ the logits are bit-identical either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar, overload
+from typing import Callable, Iterable, TypeVar, overload
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,6 +52,15 @@ class Backbone(nn.Module):
         if features:
             return logits, Features(stem=stem, stages=stages, pre_pool=pre_pool, pooled=pooled)
         return logits
+
+
+def run_stages(stages: Iterable[nn.Module], h: Tensor) -> list[Tensor]:
+    """Apply ``stages`` in order to ``h``, keeping every stage's output (the ``Features.stages`` taps)."""
+    outs = []
+    for stage in stages:
+        h = stage(h)
+        outs.append(h)
+    return outs
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ipsd.models.base import Backbone, register_model
+from ipsd.models.base import Backbone, register_model, run_stages
 
 if TYPE_CHECKING:
     import torchvision
@@ -69,12 +69,8 @@ class ImageNetResNet(Backbone):
 
     def trunk(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         stem = self.stem(x)
-        outs: list[Tensor] = []
-        h = stem
-        for stage in self.stages:
-            h = stage(h)
-            outs.append(h)
-        return stem, outs, h
+        outs = run_stages(self.stages, stem)
+        return stem, outs, outs[-1]
 
 
 def _out_channels(stage: nn.Sequential) -> int:
@@ -157,12 +153,8 @@ class MobileNetV2(Backbone):
 
     def trunk(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         stem = self.stem(x)
-        outs: list[Tensor] = []
-        h = stem
-        for stage in self.stages:
-            h = stage(h)
-            outs.append(h)
-        return stem, outs, self.head(h)
+        outs = run_stages(self.stages, stem)
+        return stem, outs, self.head(outs[-1])
 
 
 @register_model("mobilenetv2", "MobileNetV2", family="mobilenet", lr=0.05)

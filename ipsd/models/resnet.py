@@ -11,7 +11,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipsd.models.base import Backbone, register_model
+from ipsd.models.base import Backbone, register_model, run_stages
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -111,12 +111,8 @@ class ResNet(Backbone):
 
     def trunk(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         stem = self.stem(x)
-        outs: list[Tensor] = []
-        h = stem
-        for stage in self.stages:
-            h = stage(h)
-            outs.append(h)
-        return stem, outs, h
+        outs = run_stages(self.stages, stem)
+        return stem, outs, outs[-1]
 
 
 def _imagenet_layout(block: type[ResidualBlock], depths: Sequence[int], num_classes: int) -> ResNet:

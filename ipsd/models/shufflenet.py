@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipsd.models.base import Backbone, register_model
+from ipsd.models.base import Backbone, register_model, run_stages
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -40,12 +40,8 @@ class ShuffleNetBase(Backbone):
 
     def trunk(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         stem = self.stem(x)
-        h = stem
-        outs: list[Tensor] = []
-        for stage in self.stages:
-            h = stage(h)
-            outs.append(h)
-        return stem, outs, self.head(h)
+        outs = run_stages(self.stages, stem)
+        return stem, outs, self.head(outs[-1])
 
     def _init_stem(self) -> int:
         self.stem = nn.Sequential(conv_bn(3, 24, 1), nn.ReLU())
