@@ -64,12 +64,13 @@ def _teacher(args: argparse.Namespace) -> None:
 
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
+    from .data.folders import FILE_DATASETS
     from .method import load_methods
     from .models import MODELS
 
     print("methods: ", ", ".join(load_methods().names()))
     print("models:  ", ", ".join(MODELS.names()))
-    print("datasets:", ", ".join(DATASETS.names()))
+    print("datasets:", ", ".join(DATASETS.names()), "(in memory);", ", ".join(FILE_DATASETS.names()), "(on disk)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
-OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher")
+OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher",
+                    "workers")
 
 
 @dataclass
@@ -124,7 +125,8 @@ class RunConfig:
 
     method: str = param("ips", doc="registered method name (see `ipsd list`)")
     model: str = param("resnet18", doc="registered model name")
-    dataset: str = param("cifar100", doc="cifar10 | cifar100 | digits")
+    dataset: str = param("cifar100", doc="cifar10 | cifar100 | digits (in memory) | imagenet | cub200 | dogs | folders "
+                                         "(read from data_root, decoded per batch by FolderLoader)")
     method_args: dict = param({}, doc="method hyper-parameters; unset ones take the method's (per-model) defaults")
     per_class: int | None = param(None, lo=1, doc="train images per class (subset); null = all")
     test_per_class: int | None = param(None, lo=1, doc="test images per class; null = all")
@@ -146,6 +148,9 @@ class RunConfig:
                                  doc="torch.compile backend (aot_eager: tracing without code generation)")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
     eval_batch_size: int = param(1000, lo=1)
+    image_size: int = param(224, lo=8, doc="train crop (RandomResizedCrop) and test centre crop of on-disk datasets "
+                                           "(imagenet, cub200, dogs, folders); ignored by in-memory datasets (CIFAR, "
+                                           "digits), which train at their native size")
     teacher_id: str | None = param(None, doc="set by resolution: 'run:<run id>' or 'sha256:<digest>' of the teacher")
     teacher_tolerance: float = param(0.1, lo=0, doc="max |re-measured - recorded| teacher top-1 (points)")
     # operational keys (not part of the identity)
@@ -157,6 +162,8 @@ class RunConfig:
     stop_after: int | None = param(None, lo=1, doc="stop cleanly after this many epochs of this invocation")
     progress: bool = param(True, doc="progress bars")
     deterministic: bool = param(False, doc="cuDNN deterministic kernels (slower)")
+    workers: int = param(8, lo=0, doc="image-decoding worker processes of on-disk datasets (0 = in the training "
+                                      "process); augmentation does not depend on it; unused by in-memory datasets")
 
     def identity(self) -> dict[str, Any]:
         """What the run computes: every key except the operational ones."""

@@ -21,6 +21,8 @@ from tqdm import tqdm
 from . import dist, runs
 from .config import ConfigError, RunConfig, to_dict
 from .data import DATASETS, load_dataset, resolve_root, subset
+from .data.folder_loader import FolderLoader, subset_files
+from .data.folders import FILE_DATASETS
 from .data.loader import DeviceLoader
 from .losses import accuracy_counts
 from .method import METHODS, Method, Setup, Step, load_methods
@@ -61,7 +63,11 @@ def resolve(cfg: RunConfig) -> Resolved:
     load_methods()
     method_cls = _lookup(METHODS, cfg.method, "method")
     spec = _lookup(MODELS, cfg.model, "model")
-    _lookup(DATASETS, cfg.dataset, "dataset")
+    if cfg.dataset not in FILE_DATASETS:
+        try:
+            DATASETS.get(cfg.dataset)
+        except KeyError as e:
+            raise ConfigError(f"dataset: {e.args[0]}; on-disk datasets: {', '.join(FILE_DATASETS.names())}") from None
     method_cfg = method_cls.resolve_config(spec.name, cfg.method_args)
     if method_cls.needs_teacher and not cfg.teacher:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: pass teacher=<name in results/teachers.yaml "
@@ -123,7 +129,14 @@ def wrap_ddp(task: Task, device: torch.device) -> DDP:
 @functools.lru_cache(maxsize=2)
 def _dataset(name: str, root: str | None, download: bool):
     """Datasets read and verified once per process (sweeps train many runs in one process)."""
+    if name in FILE_DATASETS:  # file lists only: images are decoded per batch by FolderLoader
+        return FILE_DATASETS.get(name)(root)
     return load_dataset(name, root, download)
+
+
+def is_file_dataset(name: str) -> bool:
+    """Read from disk per batch (FolderLoader) rather than held in memory (DeviceLoader)."""
+    return name in FILE_DATASETS
 
 
 def load_data(cfg: RunConfig):
@@ -131,7 +144,8 @@ def load_data(cfg: RunConfig):
     data = _dataset(cfg.dataset, str(root) if root else None, cfg.download)
     if cfg.per_class or cfg.classes or cfg.test_per_class:
         try:
-            data = subset(data, cfg.per_class, cfg.classes, cfg.test_per_class)
+            pick = subset_files if is_file_dataset(cfg.dataset) else subset
+            data = pick(data, cfg.per_class, cfg.classes, cfg.test_per_class)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if cfg.batch_size > len(data.train_y):
@@ -210,7 +224,7 @@ def train(cfg: RunConfig) -> Path:
         return folder
 
     data = load_data(cfg)
-    if data.note and info.main:
+    if getattr(data, "note", "") and info.main:
         _log(data.note)
     settings = _settings(cfg, device)
     if device.type == "cuda":
@@ -220,7 +234,9 @@ def train(cfg: RunConfig) -> Path:
     torch.manual_seed(derive_seed("init", cfg.seed))  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes)
     teacher = load_run_teacher(cfg, data, device) if cfg.teacher else None
-    setup = Setup(cfg.model, data.num_classes, data.image_size, len(data.train_y), cfg.epochs, cfg.batch_size,
+    on_disk = is_file_dataset(cfg.dataset)
+    image_size = cfg.image_size if on_disk else data.image_size
+    setup = Setup(cfg.model, data.num_classes, image_size, len(data.train_y), cfg.epochs, cfg.batch_size,
                   MODELS.get(cfg.model).family, tuple(model.stage_channels), model.num_features, teacher,
                   data.train_y.clone())
     method = res.method_cls(res.method_cfg, setup)
@@ -230,8 +246,12 @@ def train(cfg: RunConfig) -> Path:
     model.to(device, memory_format=memory_format)
     method.to(device)
     try:
-        loader = DeviceLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
-                              settings["channels_last"])
+        if on_disk:
+            loader = FolderLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
+                                  settings["channels_last"], image_size=cfg.image_size, workers=cfg.workers)
+        else:
+            loader = DeviceLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
+                                  settings["channels_last"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if teacher is not None:  # before any training: the teacher must be the one recorded
