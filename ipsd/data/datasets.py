@@ -91,15 +91,10 @@ def _relabel(y: Tensor, classes: list[int], num_classes: int) -> Tensor:
     return table[y]
 
 
-def subset(
-    data: ImageData,
-    per_class: int | None = None,
-    classes: list[int] | None = None,
-    test_per_class: int | None = None,
-) -> ImageData:
-    """Deterministic small subset: the first ``per_class`` train images of each class in file order
-    (and the first ``test_per_class`` test images); with ``classes``, keep only those and relabel
-    them 0..len-1 in the given order. Images keep their original relative order."""
+def subset_selection(data, per_class: int | None = None, classes: list[int] | None = None,
+                     test_per_class: int | None = None) -> tuple[Tensor, Tensor, dict[str, object]]:
+    """What a deterministic subset keeps, for any dataset with ``train_y``/``test_y``/``classes``: the
+    train and test indices (file order) and the relabelled ``train_y``/``test_y``/``classes`` fields."""
     n = data.num_classes
     keep = list(range(n)) if classes is None else [int(c) for c in classes]
     if not keep:
@@ -114,11 +109,19 @@ def subset(
             raise ValueError(f"subset: {arg} must be >= 1, got {value}")
     tr = _first_per_class(data.train_y, keep, per_class, "train")
     te = _first_per_class(data.test_y, keep, test_per_class, "test")
-    return replace(
-        data,
-        train_x=data.train_x[tr].contiguous(),
-        train_y=_relabel(data.train_y[tr], keep, n),
-        test_x=data.test_x[te].contiguous(),
-        test_y=_relabel(data.test_y[te], keep, n),
-        classes=[data.classes[c] for c in keep],
-    )
+    fields = {"train_y": _relabel(data.train_y[tr], keep, n), "test_y": _relabel(data.test_y[te], keep, n),
+              "classes": [data.classes[c] for c in keep]}
+    return tr, te, fields
+
+
+def subset(
+    data: ImageData,
+    per_class: int | None = None,
+    classes: list[int] | None = None,
+    test_per_class: int | None = None,
+) -> ImageData:
+    """Deterministic small subset: the first ``per_class`` train images of each class in file order
+    (and the first ``test_per_class`` test images); with ``classes``, keep only those and relabel
+    them 0..len-1 in the given order. Images keep their original relative order."""
+    tr, te, fields = subset_selection(data, per_class, classes, test_per_class)
+    return replace(data, train_x=data.train_x[tr].contiguous(), test_x=data.test_x[te].contiguous(), **fields)

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..method import Batch, Needs
 from ..rng import derive_seed, generator
-from .datasets import _first_per_class, _relabel
+from .datasets import subset_selection
 from .folders import FileDataset
 from .sampler import EpochSampler
 
@@ -188,25 +188,6 @@ def subset_files(data: FileDataset, per_class: int | None = None, classes: list[
     """:func:`ipsd.data.datasets.subset` for a FileDataset: the first ``per_class`` train (and
     ``test_per_class`` test) images of each class in list order; with ``classes``, only those, relabelled
     0..len-1 in the given order. Files keep their relative order."""
-    n = data.num_classes
-    keep = list(range(n)) if classes is None else [int(c) for c in classes]
-    if not keep:
-        raise ValueError("subset: `classes` must not be empty")
-    bad = [c for c in keep if not 0 <= c < n]
-    if bad:
-        raise ValueError(f"subset: class index {bad} out of range for {data.name} (0..{n - 1})")
-    if len(set(keep)) != len(keep):
-        raise ValueError(f"subset: duplicate class in {keep}")
-    for arg, value in (("per_class", per_class), ("test_per_class", test_per_class)):
-        if value is not None and value < 1:
-            raise ValueError(f"subset: {arg} must be >= 1, got {value}")
-    tr = _first_per_class(data.train_y, keep, per_class, "train")
-    te = _first_per_class(data.test_y, keep, test_per_class, "test")
-    return replace(
-        data,
-        train_paths=[data.train_paths[i] for i in tr.tolist()],
-        train_y=_relabel(data.train_y[tr], keep, n),
-        test_paths=[data.test_paths[i] for i in te.tolist()],
-        test_y=_relabel(data.test_y[te], keep, n),
-        classes=[data.classes[c] for c in keep],
-    )
+    tr, te, fields = subset_selection(data, per_class, classes, test_per_class)
+    return replace(data, train_paths=[data.train_paths[i] for i in tr.tolist()],
+                   test_paths=[data.test_paths[i] for i in te.tolist()], **fields)
