@@ -39,7 +39,6 @@ from torch import Tensor
 from ipsd.config import param
 from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
-from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -98,7 +97,6 @@ class AT(Method):
 
     def __init__(self, cfg: ATConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.teacher = require_teacher(setup, "at")
 
     def forward(self, model, batch, step):
         c = self.cfg

@@ -151,9 +151,7 @@ class CRD(Method):
 
     def __init__(self, cfg: CRDConfig, setup: Setup):
         super().__init__(cfg, setup)
-        teacher = setup.teacher
-        if teacher is None:
-            raise ConfigError("crd needs a teacher: pass teacher=<name, run folder or checkpoint>")
+        teacher = self.teacher
         labels = setup.train_labels
         if labels is None:
             raise ConfigError("crd needs the class of every training index (setup.train_labels)")
@@ -164,7 +162,6 @@ class CRD(Method):
         table = ClassTable.from_labels(labels, max(setup.num_classes, int(labels.max()) + 1))
         if table.pool_min < 1:
             raise ConfigError("crd draws negatives from other classes: the training set needs at least 2 classes")
-        self.teacher = teacher  # a FrozenTeacher: a plain attribute, never a submodule
         self.n_data = setup.train_size
         d = cfg.feat_dim
         self.embed_s = nn.Linear(setup.num_features, d)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from ipsd.config import param
 from ipsd.losses import ce_and_kd
 from ipsd.method import Method, Setup, register_method
-from ipsd.teacher import require_teacher
 
 # ------------------------------------------------------------------------------------------------ KD
 
@@ -35,7 +34,6 @@ class KD(Method):
 
     def __init__(self, cfg: KDConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.teacher = require_teacher(setup, "kd")  # plain attribute: not a submodule (see FrozenTeacher)
 
     def forward(self, model, batch, step):
         z_s = model(batch.x)

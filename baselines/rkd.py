@@ -38,7 +38,6 @@ from ipsd.config import param
 from ipsd.dist import gather_rows
 from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
-from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -96,7 +95,6 @@ class RKD(Method):
 
     def __init__(self, cfg: RKDConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.teacher = require_teacher(setup, "rkd")
 
     def forward(self, model, batch, step):
         c = self.cfg

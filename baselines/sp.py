@@ -32,7 +32,6 @@ from ipsd.dist import gather_rows
 from ipsd.losses import ce_and_kd, fp32
 from ipsd.method import Method, Setup, register_method
 from ipsd.models import Features
-from ipsd.teacher import require_teacher
 
 
 @dataclass
@@ -71,7 +70,6 @@ class SP(Method):
 
     def __init__(self, cfg: SPConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.teacher = require_teacher(setup, "sp")
 
     def forward(self, model, batch, step):
         c = self.cfg

@@ -53,7 +53,6 @@ class TFKDSelf(Method):
         if setup.teacher.info.get("model") != setup.model:
             raise ConfigError(f"tfkd_self: the teacher is a {setup.teacher.info.get('model')}, but TF-KD_self needs "
                               f"the student's architecture ({setup.model})")
-        self.teacher = setup.teacher  # a plain attribute, not a submodule: see FrozenTeacher
 
     def forward(self, model, batch, step):
         c = self.cfg

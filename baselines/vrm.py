@@ -73,7 +73,6 @@ from ipsd.method import (
     forward_views,
     register_method,
 )
-from ipsd.teacher import require_teacher
 
 RA_DEFAULTS = {"fixmatch": {"magnitude": 10, "cutout": 0.5}, "torchvision": {"magnitude": 9, "cutout": 0.0}}
 LOADER_DEFAULTS = {"n": 2, "magnitude": 10, "cutout": 0.5, "variant": "fixmatch"}  # rand_augment's defaults
@@ -187,7 +186,6 @@ class VRM(Method):
 
     def __init__(self, cfg: VRMConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.teacher = require_teacher(setup, "vrm")  # plain attribute: not a submodule (see FrozenTeacher)
         self.needs = Needs(views=2, strong_view2=True, **self._strong_args(cfg))
         c = setup.num_classes
         self.adaptor = None

@@ -94,6 +94,10 @@ class Method(nn.Module):
         self.cfg = cfg
         self.setup = setup
         self.needs = Needs()
+        if self.needs_teacher:  # a FrozenTeacher: a plain attribute, never a submodule (not optimised/saved/synced)
+            from .teacher import require_teacher
+
+            self.teacher = require_teacher(setup, self.name)
 
     @classmethod
     def resolve_config(cls, model: str, args: dict[str, Any], where: str = "method_args.") -> Any:
