@@ -6,6 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 DATA   ?= $(IPSD_DATA)
 STAMP  := $(VENV)/.installed
+FFCV_LIBS := libturbojpeg0-dev libopencv-dev pkg-config
 
 LAUNCHER ?= gpus
 TABLES := table2 table3 table4 table5 table15
@@ -24,6 +25,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_PKGS)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	if pkg-config --exists libturbojpeg opencv4 2>/dev/null; then $(BIN)/pip install --quiet -e '.[ffcv]'; \
+	else echo "note: FFCV not installed (loader=ffcv unavailable): needs $(FFCV_LIBS)"; fi
 	touch $@
 
 env: $(STAMP)

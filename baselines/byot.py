@@ -1,10 +1,10 @@
 """BYOT: Be Your Own Teacher (Zhang et al., ICCV 2019), spec selfdistill b.9.
 
 Auxiliary classifiers are attached after every ResNet stage but the last (stages 1-3 of the
-4-stage ResNets, stages 1-2 of the 3-stage CIFAR ResNets). The network's own classifier on the
-deepest stage is the teacher. The heads belong to the method (``nn.Module`` children: trained,
-weight-decayed, DDP-synchronised and checkpointed with it) and are never used at evaluation, which
-calls the model alone.
+4-stage ResNets, CIFAR-input or torchvision ImageNet ones; stages 1-2 of the 3-stage CIFAR
+ResNets). The network's own classifier on the deepest stage is the teacher. The heads belong to
+the method (``nn.Module`` children: trained, weight-decayed, DDP-synchronised and checkpointed with
+it) and are never used at evaluation, which calls the model alone.
 
 Head architecture (``head``):
   * ``sepconv`` (official "final" code, ``pytorch-self-distillation-final/resnet.py``): one
@@ -31,7 +31,9 @@ Loss (``form``):
     the single-process one for the same global batch (the other terms are batch means already).
 
 The official code's extra AutoAugment + Cutout and its own LR schedule are not used (spec b.9).
-BYOT is defined for ResNets only; other families are refused.
+BYOT is defined for ResNets only (the paper's CIFAR and ImageNet networks); other families are refused.
+The ImageNet ResNets (family ``imagenet_resnet``) halve the resolution at every stage after the
+first, like the CIFAR ones, so the same stride-2 branches reach the deepest stage's shape.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from ipsd.config import ConfigError, param
 from ipsd.losses import ce, soft_ce
 from ipsd.method import Method, Setup, register_method
 
-RESNET_FAMILIES = ("resnet", "cifar_resnet")
+RESNET_FAMILIES = ("resnet", "cifar_resnet", "imagenet_resnet")
 FORM_DEFAULTS = {"final": {"alpha": 0.3, "head": "sepconv", "attention": True},
                  "paper": {"alpha": 0.1, "head": "bottleneck", "attention": False}}
 

@@ -32,7 +32,9 @@ from ipsd.registry import Registry
 from .grid import PlannedRun, Table, expand, load_table, teachers
 
 LAUNCHERS: Registry[Callable[..., None]] = Registry("launcher")
-KNOWN_TRAIN_SIZES = {"cifar10": (50000, 10), "cifar100": (50000, 100), "digits": (1442, 10)}
+# (train images, classes) of the standard splits, for the estimate only
+KNOWN_TRAIN_SIZES = {"cifar10": (50000, 10), "cifar100": (50000, 100), "digits": (1442, 10),
+                     "imagenet": (1281167, 1000), "cub200": (5994, 200), "dogs": (12000, 120)}
 
 
 @dataclass
@@ -87,7 +89,10 @@ def gpu_hours(run: PlannedRun, tflops: float) -> float:
     n, classes = KNOWN_TRAIN_SIZES.get(run.cfg.dataset, (50000, 100))
     if run.cfg.per_class:
         n = min(n, run.cfg.per_class * len(run.cfg.classes or range(classes)))
-    flops = 3 * forward_flops(run.cfg.model) * n * run.cfg.epochs * images_per_anchor(run)
+    from ipsd.engine import is_file_dataset
+
+    size = run.cfg.image_size if is_file_dataset(run.cfg.dataset) else 32  # on-disk data trains at image_size
+    flops = 3 * forward_flops(run.cfg.model, size) * n * run.cfg.epochs * images_per_anchor(run)
     return flops / (tflops * 1e12) / 3600
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``ipsd train | demo | bench | list``."""
+"""Command line: ``ipsd train | demo | bench | sweep | report | teacher | data | list``."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.file_loaders:
+        from .bench_loaders import bench_file_loaders
+
+        bench_file_loaders(args.images, args.workers, json_path=args.json)
+        return
     from .bench import run_bench
 
     run_bench(args.json, args.device, args.quick, args.data, args.model)
@@ -62,6 +67,30 @@ def _teacher(args: argparse.Namespace) -> None:
             print(f"{name}: {e.get('model', '?')} top-1 {e.get('top1')} run {e.get('run') or '(not trained yet)'}")
 
 
+def _data(args: argparse.Namespace) -> None:
+    import time
+
+    from .config import load_run_config
+    from .data import resolve_root
+    from .data.beton import write_betons
+    from .data.folders import FILE_DATASETS
+    from .engine import ffcv_folder
+
+    cfg = load_run_config(None, args.overrides)
+    if cfg.dataset not in FILE_DATASETS:
+        raise ConfigError(f"to-ffcv converts on-disk datasets ({', '.join(FILE_DATASETS.names())}); "
+                          f"dataset={cfg.dataset} is held in memory and needs no conversion")
+    root = resolve_root(cfg.data_root)
+    if root is None:
+        raise ConfigError(f"to-ffcv needs data_root=<folder of {cfg.dataset}> (or $IPSD_DATA)")
+    data = FILE_DATASETS.get(cfg.dataset)(root)
+    start = time.perf_counter()
+    folder = write_betons(data, ffcv_folder(cfg), args.max_resolution, args.jpeg_quality, args.write_mode, args.workers)
+    sizes = {split: (folder / f"{split}.beton").stat().st_size / 2**20 for split in ("train", "test")}
+    print(f"{cfg.dataset}: {len(data.train_paths)} train ({sizes['train']:.1f} MiB) and {len(data.test_paths)} test "
+          f"({sizes['test']:.1f} MiB) images written to {folder} in {time.perf_counter() - start:.1f} s")
+
+
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.folders import FILE_DATASETS
@@ -94,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats and images (for tests)")
     p.add_argument("--data", default=None, help="CIFAR-10 root (default: $IPSD_DATA; digits if none)")
     p.add_argument("--model", default=None, help="model for the step timings (default: resnet18 on GPU, resnet8 on CPU)")
+    p.add_argument("--file-loaders", action="store_true",
+                   help="instead: images/s of the folder and FFCV loaders on generated ImageNet-like JPEGs")
+    p.add_argument("--images", type=int, default=2000, help="--file-loaders: train images to generate")
+    p.add_argument("--workers", type=int, default=2, help="--file-loaders: decoding workers of both loaders")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("sweep", help="run a paper table's grid (skips finished runs, resumes unfinished ones)")
@@ -125,6 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name", nargs="?")
     p.add_argument("run", nargs="?")
     p.set_defaults(func=_teacher)
+
+    p = sub.add_parser("data", help="to-ffcv: write the FFCV copy (.beton) of an on-disk dataset, read by loader=ffcv")
+    p.add_argument("action", choices=("to-ffcv",))
+    p.add_argument("--max-resolution", type=int, default=512, help="cap on the longer side of stored images")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--write-mode", default="jpg", choices=("jpg", "smart", "proportion", "raw"),
+                   help="FFCV's image storage mode")
+    p.add_argument("--workers", type=int, default=-1, help="writer processes (-1 = all cores)")
+    p.add_argument("overrides", nargs="*", help="dataset=imagenet|cub200|dogs|folders data_root=DIR [ffcv_dir=DIR]")
+    p.set_defaults(func=_data)
 
     p = sub.add_parser("list", help="registered methods, models and datasets")
     p.set_defaults(func=_list)

@@ -116,7 +116,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
 OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher",
-                    "workers")
+                    "workers", "ffcv_dir")
 
 
 @dataclass
@@ -126,7 +126,7 @@ class RunConfig:
     method: str = param("ips", doc="registered method name (see `ipsd list`)")
     model: str = param("resnet18", doc="registered model name")
     dataset: str = param("cifar100", doc="cifar10 | cifar100 | digits (in memory) | imagenet | cub200 | dogs | folders "
-                                         "(read from data_root, decoded per batch by FolderLoader)")
+                                         "(decoded per batch: see `loader`)")
     method_args: dict = param({}, doc="method hyper-parameters; unset ones take the method's (per-model) defaults")
     per_class: int | None = param(None, lo=1, doc="train images per class (subset); null = all")
     test_per_class: int | None = param(None, lo=1, doc="test images per class; null = all")
@@ -134,11 +134,19 @@ class RunConfig:
     epochs: int = param(240, lo=1)
     batch_size: int = param(64, lo=1, doc="global batch (per rank = batch_size / world size); pairs for pair methods")
     lr: float | None = param(None, lo=0, lo_open=True, doc="initial LR; null = the model's default (0.05, ShuffleNets 0.01)")
-    momentum: float = param(0.9, lo=0, hi=1)
-    nesterov: bool = param(False)
+    optimizer: str = param("sgd", choices=("sgd", "adamw"),
+                           doc="sgd (momentum, nesterov, coupled weight_decay) | adamw (decoupled weight_decay, "
+                               "betas (0.9, 0.999)); momentum and nesterov apply to sgd only")
+    momentum: float = param(0.9, lo=0, hi=1, doc="SGD momentum (unused by adamw)")
+    nesterov: bool = param(False, doc="SGD Nesterov momentum (refused with adamw)")
     weight_decay: float = param(5e-4, lo=0)
     lr_milestones: list[int] = param([150, 180, 210], lo=1, doc="LR x lr_decay after these epochs of a schedule_ref_epochs-long run")
     lr_decay: float = param(0.1, lo=0, hi=1, lo_open=True)
+    lr_schedule: str = param("step", choices=("step", "cosine"),
+                             doc="step = x lr_decay after each milestone; cosine = per-epoch cosine from lr to 0 "
+                                 "over the epochs after warm-up (lr_milestones unused); see schedules.lr_at")
+    warmup_epochs: int = param(0, lo=0, doc="linear warm-up (epoch e <= w trains at lr*e/w), in epochs of a "
+                                            "schedule_ref_epochs-long run, scaled to `epochs` like the milestones")
     schedule_ref_epochs: int = param(240, lo=1, doc="epoch count the milestones (and IPS's p_r steps) are written for; scaled to `epochs`")
     seed: int = param(0, lo=0)
     precision: str = param("auto", choices=("auto", "fp32", "bf16"), doc="auto = bf16 autocast on CUDA, fp32 on CPU")
@@ -148,6 +156,10 @@ class RunConfig:
                                  doc="torch.compile backend (aot_eager: tracing without code generation)")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
     eval_batch_size: int = param(1000, lo=1)
+    loader: str | None = param(None, choices=("memory", "folder", "ffcv"),
+                               doc="memory: held on the device (CIFAR, digits); folder: torchvision decoding per batch; "
+                                   "ffcv: .beton copies written by `ipsd data to-ffcv`; null = memory for in-memory "
+                                   "datasets, folder for on-disk ones")
     image_size: int = param(224, lo=8, doc="train crop (RandomResizedCrop) and test centre crop of on-disk datasets "
                                            "(imagenet, cub200, dogs, folders); ignored by in-memory datasets (CIFAR, "
                                            "digits), which train at their native size")
@@ -162,8 +174,20 @@ class RunConfig:
     stop_after: int | None = param(None, lo=1, doc="stop cleanly after this many epochs of this invocation")
     progress: bool = param(True, doc="progress bars")
     deterministic: bool = param(False, doc="cuDNN deterministic kernels (slower)")
-    workers: int = param(8, lo=0, doc="image-decoding worker processes of on-disk datasets (0 = in the training "
-                                      "process); augmentation does not depend on it; unused by in-memory datasets")
+    workers: int = param(8, lo=0, doc="image-decoding workers of on-disk datasets: processes for loader=folder (0 = in "
+                                      "the training process; augmentation does not depend on it), threads for "
+                                      "loader=ffcv (at least 1); unused by in-memory datasets")
+    ffcv_dir: str | None = param(None, doc="folder of the FFCV copy (train.beton, test.beton, meta.json); "
+                                           "null = <data_root>/ffcv/<dataset>")
+
+    def __post_init__(self) -> None:
+        """Refuse key combinations no single-key range can express."""
+        if self.optimizer != "sgd" and self.nesterov:
+            raise ConfigError(f"nesterov=true needs optimizer=sgd (Nesterov momentum is an SGD option); "
+                              f"remove nesterov or use optimizer=sgd instead of {self.optimizer}")
+        if self.warmup_epochs >= self.schedule_ref_epochs > 0:  # (ref <= 0 is refused by its own range)
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs} is out of range: the warm-up must end before the "
+                              f"{self.schedule_ref_epochs}-epoch schedule does; allowed [0, {self.schedule_ref_epochs - 1}]")
 
     def identity(self) -> dict[str, Any]:
         """What the run computes: every key except the operational ones."""

@@ -1,8 +1,8 @@
 """The training engine: one loop for every method, model and scale (CPU smoke to multi-node DDP).
 
 ``train(cfg)`` resolves the config, creates (or resumes) the run folder named by the hash of the
-run's identity, trains with SGD + step LR, evaluates every epoch, checkpoints atomically every
-epoch and writes ``result.json`` on completion.
+run's identity, trains with SGD or AdamW under a per-epoch LR schedule (``schedules.lr_at``),
+evaluates every epoch, checkpoints atomically every epoch and writes ``result.json`` on completion.
 """
 from __future__ import annotations
 
@@ -20,15 +20,17 @@ from tqdm import tqdm
 
 from . import dist, runs
 from .config import ConfigError, RunConfig, to_dict
-from .data import DATASETS, load_dataset, resolve_root, subset
-from .data.folder_loader import FolderLoader, subset_files
+from .data import DATASETS, DataError, load_dataset, resolve_root, subset
+from .data.beton import BetonDataset, default_folder, load_betons, require_ffcv
+from .data.datasets import subset_items
+from .data.folder_loader import FolderLoader
 from .data.folders import FILE_DATASETS
-from .data.loader import DeviceLoader
+from .data.loader import DeviceLoader, LoaderBase
 from .losses import accuracy_counts
 from .method import METHODS, Method, Setup, Step, load_methods
 from .models import MODELS, build_model
 from .rng import derive_seed, generator
-from .schedules import scale_boundaries, step_lr
+from .schedules import lr_at
 from .teacher import load_run_teacher, teacher_identity, verify_teacher
 
 CHECK_EVERY = 50  # steps between non-finite-loss checks (each check synchronises the device)
@@ -68,6 +70,7 @@ def resolve(cfg: RunConfig) -> Resolved:
             DATASETS.get(cfg.dataset)
         except KeyError as e:
             raise ConfigError(f"dataset: {e.args[0]}; on-disk datasets: {', '.join(FILE_DATASETS.names())}") from None
+    loader = _resolve_loader(cfg)
     method_cfg = method_cls.resolve_config(spec.name, cfg.method_args)
     if method_cls.needs_teacher and not cfg.teacher:
         raise ConfigError(f"method {method_cls.name!r} needs a teacher: pass teacher=<name in results/teachers.yaml "
@@ -77,8 +80,25 @@ def resolve(cfg: RunConfig) -> Resolved:
     teacher_id = teacher_identity(cfg.teacher) if cfg.teacher else None
     cfg = dataclasses.replace(cfg, method=method_cls.name, model=spec.name, dataset=cfg.dataset.lower(),
                               lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg),
-                              teacher_id=teacher_id)
+                              teacher_id=teacher_id, loader=loader)
     return Resolved(cfg, method_cls, method_cfg)
+
+
+def _resolve_loader(cfg: RunConfig) -> str:
+    """The loader a run uses: memory for in-memory datasets, folder or ffcv for on-disk ones (never a silent
+    fallback: asking for ffcv without FFCV installed is an error with the install hint)."""
+    on_disk = is_file_dataset(cfg.dataset.lower())
+    loader = cfg.loader or ("folder" if on_disk else "memory")
+    if on_disk == (loader == "memory"):
+        kinds = "folder | ffcv" if on_disk else "memory"
+        raise ConfigError(f"loader={loader} does not fit dataset={cfg.dataset}, which is "
+                          f"{'read from disk' if on_disk else 'held in memory'}; use loader={kinds} (or leave it unset)")
+    if loader == "ffcv":
+        try:
+            require_ffcv()
+        except DataError as e:
+            raise ConfigError(f"loader=ffcv: {e}") from None
+    return loader
 
 
 def _log(msg: str) -> None:
@@ -129,22 +149,39 @@ def wrap_ddp(task: Task, device: torch.device) -> DDP:
 @functools.lru_cache(maxsize=2)
 def _dataset(name: str, root: str | None, download: bool):
     """Datasets read and verified once per process (sweeps train many runs in one process)."""
-    if name in FILE_DATASETS:  # file lists only: images are decoded per batch by FolderLoader
+    if name in FILE_DATASETS:  # file lists only: images are decoded per batch by the loader
         return FILE_DATASETS.get(name)(root)
     return load_dataset(name, root, download)
 
 
 def is_file_dataset(name: str) -> bool:
-    """Read from disk per batch (FolderLoader) rather than held in memory (DeviceLoader)."""
+    """Read from disk per batch (folder or ffcv loader) rather than held in memory (DeviceLoader)."""
     return name in FILE_DATASETS
 
 
+@functools.lru_cache(maxsize=2)
+def _betons(folder: str, dataset: str) -> BetonDataset:
+    return load_betons(folder, dataset)
+
+
+def ffcv_folder(cfg: RunConfig) -> Path:
+    """Where a run's FFCV copy lives: ``ffcv_dir``, else ``<data_root>/ffcv/<dataset>``."""
+    folder = Path(cfg.ffcv_dir).expanduser() if cfg.ffcv_dir else default_folder(resolve_root(cfg.data_root), cfg.dataset)
+    if folder is None:
+        raise ConfigError(f"loader=ffcv needs ffcv_dir=<folder of the .beton files> or data_root "
+                          f"(or $IPSD_DATA) holding ffcv/{cfg.dataset}/")
+    return folder
+
+
 def load_data(cfg: RunConfig):
-    root = resolve_root(cfg.data_root)
-    data = _dataset(cfg.dataset, str(root) if root else None, cfg.download)
+    if cfg.loader == "ffcv":
+        data = _betons(str(ffcv_folder(cfg)), cfg.dataset)
+    else:
+        root = resolve_root(cfg.data_root)
+        data = _dataset(cfg.dataset, str(root) if root else None, cfg.download)
     if cfg.per_class or cfg.classes or cfg.test_per_class:
         try:
-            pick = subset_files if is_file_dataset(cfg.dataset) else subset
+            pick = subset_items if is_file_dataset(cfg.dataset) else subset
             data = pick(data, cfg.per_class, cfg.classes, cfg.test_per_class)
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -154,8 +191,20 @@ def load_data(cfg: RunConfig):
     return data
 
 
+def make_loader(cfg: RunConfig, data, device: torch.device, needs, info: dist.DistInfo, channels_last: bool):
+    """The resolved ``cfg.loader`` over ``data``: this rank's batches (memory, folder or ffcv)."""
+    args = (data, device, cfg.batch_size, needs, cfg.seed, info.rank, info.world, channels_last)
+    if cfg.loader == "memory":
+        return DeviceLoader(*args)
+    if cfg.loader == "ffcv":
+        from .data.ffcv_loader import FfcvLoader  # noqa: I001 -- imports FFCV, checked present by resolve()
+
+        return FfcvLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
+    return FolderLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader, batch_size: int, autocast) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: LoaderBase, batch_size: int, autocast) -> tuple[float, float]:
     """Top-1/top-5 (%) on the full test set, shards summed across ranks."""
     was_training = model.training
     model.eval()
@@ -182,7 +231,7 @@ def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn}
 
 
-def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: DeviceLoader, step: Step, autocast,
+def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: LoaderBase, step: Step, autocast,
                  progress: bool, kept: str) -> tuple[dict[str, torch.Tensor], int]:
     """One pass over this rank's batches: summed loss terms and the number of anchors seen.
 
@@ -212,12 +261,33 @@ def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: Devi
     return sums, anchors
 
 
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The run's optimizer at ``cfg.lr`` (the schedule overwrites the LR every epoch); one weight decay for all."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def _check_same_run_folder(folder: Path, info: dist.DistInfo, device: torch.device) -> None:
+    """Every rank must see the same run folder (multi-node: ``out`` on a filesystem all nodes share), or
+    ranks would disagree on whether to resume, and from what."""
+    if not info.enabled:
+        return
+    seen = torch.tensor([[(folder / f).exists() for f in ("result.json", "checkpoint.pt")]], device=device).long()
+    every = dist.all_gather_cat(seen)
+    if not (every == every[0]).all():
+        raise ConfigError(f"the ranks do not see the same run folder {folder} (result.json/checkpoint.pt present on "
+                          f"some ranks only): out={folder.parent} must be on a filesystem shared by every node")
+
+
 def train(cfg: RunConfig) -> Path:
     """Run (or resume, or return) the run ``cfg`` describes; returns its folder."""
     info, device = dist.init(cfg.device)
     res = resolve(cfg)
     cfg = res.cfg
     folder = Path(cfg.out) / res.run_id
+    _check_same_run_folder(folder, info, device)
     if (folder / "result.json").exists():
         if info.main:
             _log(f"run {res.run_id} is already complete")
@@ -246,12 +316,7 @@ def train(cfg: RunConfig) -> Path:
     model.to(device, memory_format=memory_format)
     method.to(device)
     try:
-        if on_disk:
-            loader = FolderLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
-                                  settings["channels_last"], image_size=cfg.image_size, workers=cfg.workers)
-        else:
-            loader = DeviceLoader(data, device, cfg.batch_size, method.needs, cfg.seed, info.rank, info.world,
-                                  settings["channels_last"])
+        loader = make_loader(cfg, data, device, method.needs, info, settings["channels_last"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if teacher is not None:  # before any training: the teacher must be the one recorded
@@ -261,8 +326,7 @@ def train(cfg: RunConfig) -> Path:
             _log(f"teacher {cfg.teacher}: {teacher.info['model']}, top-1 {teacher.info['measured_top1']:.2f} "
                  f"(recorded {teacher.info['top1']}), sha256 {teacher.info['sha256'][:12]}")
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, params)
 
     state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0}
     ckpt_path = folder / "checkpoint.pt"
@@ -285,7 +349,6 @@ def train(cfg: RunConfig) -> Path:
     if info.enabled:
         task = wrap_ddp(task, device)
     autocast = _autocast(settings, device)
-    milestones = scale_boundaries(cfg.lr_milestones, cfg.epochs, cfg.schedule_ref_epochs)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -294,7 +357,8 @@ def train(cfg: RunConfig) -> Path:
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         if cfg.stop_after is not None and done_here >= cfg.stop_after:
             break
-        lr = step_lr(cfg.lr, epoch, milestones, cfg.lr_decay)
+        lr = lr_at(epoch, base=cfg.lr, epochs=cfg.epochs, ref=cfg.schedule_ref_epochs, schedule=cfg.lr_schedule,
+                   milestones=cfg.lr_milestones, decay=cfg.lr_decay, warmup=cfg.warmup_epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step = Step(epoch, cfg.epochs, generator(device, "method", cfg.seed, epoch, info.rank), cfg.schedule_ref_epochs)
@@ -341,7 +405,7 @@ def train(cfg: RunConfig) -> Path:
     return folder
 
 
-def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, settings,
+def _result(res: Resolved, state: dict, device, info, loader, settings,
             teacher_info: dict[str, Any] | None) -> dict[str, Any]:
     """The run record every table cell traces back to."""
     cfg, hist = res.cfg, state["history"]
@@ -365,6 +429,9 @@ def _result(res: Resolved, state: dict, device, info, loader: DeviceLoader, sett
         "images_per_step": loader.images_per_step,
         "peak_memory_mib": runs.peak_memory_mib(device),
         "teacher": teacher_info,
+        "ffcv_copy": ({"folder": str(loader.data.folder), "ffcv": loader.data.meta["ffcv"],
+                       "write": loader.data.meta["write"], "source": loader.data.meta["source"]}
+                      if cfg.loader == "ffcv" else None),
     }
 
 

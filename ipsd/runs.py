@@ -15,6 +15,10 @@ import torch
 import yaml
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def run_hash(identity: dict[str, Any]) -> str:
     """Short stable hash of a run's identity (the resolved config without operational keys)."""
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
@@ -26,6 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -22,3 +22,16 @@ def cifar10_root() -> Path:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set but real CIFAR-10 is unavailable: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ffcv_installed() -> None:
+    """FFCV importable (the optional ``ffcv`` extra). Missing: skip, except under ``CI``, where it fails:
+    `.ci/run` installs FFCV's system libraries so that `make test` installs the extra."""
+    try:
+        import ffcv  # noqa: F401
+    except ImportError as e:
+        reason = f"FFCV is not installed ({e}); `make env` installs it when libturbojpeg/opencv are present"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {reason}", pytrace=False)
+        pytest.skip(reason)

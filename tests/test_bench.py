@@ -27,3 +27,14 @@ def test_swap_bench_times_both_versions():
 
     r = bench_swap(torch.device("cpu"), repeats=2)
     assert r["swap_seconds"] > 0 and r["swap_loop_seconds"] > 0
+
+
+def test_file_loader_bench_reports_both_loaders(ffcv_installed, tmp_path, capsys):
+    path = tmp_path / "loaders.json"
+    assert main(["bench", "--file-loaders", "--images", "20", "--workers", "1", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    for kind in ("plain", "pairs (IPS)"):
+        for key in ("folder", "ffcv", "ffcv_over_folder"):
+            assert math.isfinite(out[kind][key]) and out[kind][key] > 0, (kind, key)
+    assert out["images"] == 20 and out["train_beton_mb"] > 0
+    assert "ffcv img/s" in capsys.readouterr().out

@@ -165,7 +165,30 @@ def test_defaults_and_form_dependent_values():
     assert BYOT.resolve_config("resnet8", {}).alpha == 0.3
 
 
-@pytest.mark.parametrize("name", ["vgg13", "shufflenetv2"])
+@pytest.mark.parametrize("form,feature", [("final", "pooled"), ("paper", "map")])
+def test_imagenet_resnet18_trains_one_step_with_a_head_after_every_stage_but_the_last(form, feature):
+    # torchvision ResNet18 at 64 px: stages 64/128/256/512 at 16/8/4/2, so 3 heads, each reaching 512@2
+    torch.manual_seed(0)
+    model = build_model("imagenet_resnet18", C)
+    setup = Setup("imagenet_resnet18", C, 64, 100, 240, 4, MODELS.get("imagenet_resnet18").family,
+                  tuple(model.stage_channels), model.num_features)
+    method = BYOT(BYOT.resolve_config("imagenet_resnet18", {"form": form, "feature": feature}), setup)
+    assert len(method.heads) == 3
+    g = torch.Generator().manual_seed(1)
+    b = Batch(x=torch.randn(4, 3, 64, 64, generator=g), y=torch.tensor([0, 1, 2, 3]), index=torch.arange(4))
+    fmaps = []
+    for h in method.heads:
+        h.register_forward_hook(lambda mod, inp, out: fmaps.append(out[1].shape))
+    losses = method(model, b, STEP)
+    assert fmaps == [torch.Size([4, 512, 2, 2])] * 3
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(h.fc.weight.grad is not None and h.fc.weight.grad.abs().sum() > 0 for h in method.heads)
+    assert model.stages[0][0].conv1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["vgg13", "shufflenetv2", "mobilenetv2", "mvitv2"])
 def test_non_resnets_are_refused(name):
     with pytest.raises(ConfigError, match=rf"byot supports ResNets only .*model={name}"):
         BYOT.resolve_config(name, {})

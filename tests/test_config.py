@@ -26,6 +26,11 @@ def test_nested_method_args():
     (["epochs=two"], r"epochs must be int"),
     (["nesterov=3"], r"nesterov must be true or false"),
     (["epochs"], r"must look like key=value"),
+    (["optimizer=adam"], r"optimizer='adam' is not allowed; use one of 'sgd', 'adamw'"),
+    (["lr_schedule=linear"], r"lr_schedule='linear' is not allowed; use one of 'step', 'cosine'"),
+    (["warmup_epochs=-1"], r"warmup_epochs=-1 is out of range; allowed \[0, inf\]"),
+    (["warmup_epochs=240"], r"warmup_epochs=240 is out of range: the warm-up must end .* allowed \[0, 239\]"),
+    (["optimizer=adamw", "nesterov=true"], r"nesterov=true needs optimizer=sgd"),
 ])
 def test_bad_values_are_refused(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -56,6 +61,15 @@ def test_identity_ignores_operational_keys_only():
     d = resolve(load_run_config(None, ["epochs=3", "method_args.T=4"]))  # explicit default = same run
     assert a.run_id == b.run_id == d.run_id != c.run_id
     assert a.run_id == run_hash(a.cfg.identity()) and len(a.run_id) == 12
+
+
+def test_optimizer_and_schedule_keys_default_to_sgd_step_and_are_part_of_the_identity():
+    cfg = load_run_config(None, [])
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.warmup_epochs) == ("sgd", "step", 0)
+    assert load_run_config(None, ["optimizer=adamw", "warmup_epochs=5"]).optimizer == "adamw"
+    ids = {resolve(load_run_config(None, args)).run_id
+           for args in ([], ["optimizer=adamw"], ["lr_schedule=cosine"], ["warmup_epochs=1"])}
+    assert len(ids) == 4
 
 
 def test_build_refuses_type_mismatch_in_lists():

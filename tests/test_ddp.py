@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import torch
-from helpers import gloo_group, make_setup, make_step, spawn_two
+from helpers import free_port, gloo_group, make_setup, make_step, spawn_two
 from torch import nn
 
 from ipsd.engine import Task, wrap_ddp
@@ -79,3 +79,46 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert result["images_per_step"] == 64  # 32 pairs across both ranks
     assert result["final"]["top1"] > 30  # 10 classes: chance is 10%
     assert len((folders[0] / "log.jsonl").read_text().splitlines()) == 3
+
+
+def _torchrun(args: list[str], out: Path, extra: list[str] = ()) -> subprocess.Popen:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [torchrun, *args, "-m", "ipsd", "train", "dataset=digits", "model=resnet8", "method=ips", "epochs=1",
+           "batch_size=32", "device=cpu", "progress=false", f"out={out}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _two_nodes(outs: tuple[Path, Path], extra: list[str] = ()) -> list[tuple[int, str]]:
+    """Two torchrun 'nodes' of one process each, meeting at a c10d rendezvous on localhost."""
+    port = free_port()
+    procs = [_torchrun(["--nnodes=2", f"--node_rank={n}", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=multinode-test"], outs[n], extra)
+             for n in range(2)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errors)]
+
+
+def test_two_nodes_train_exactly_like_one_node_with_two_processes(tmp_path):
+    shared = tmp_path / "shared"
+    for code, err in _two_nodes((shared, shared)):
+        assert code == 0, err[-3000:]
+    single = _torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "single")
+    err = single.communicate(timeout=600)[1]
+    assert single.returncode == 0, err[-3000:]
+    (a,), (b,) = ([p for p in (tmp_path / d).iterdir() if p.is_dir()] for d in ("shared", "single"))
+    assert a.name == b.name  # same identity: the launch layout is operational
+    ra, rb = (json.loads((f / "result.json").read_text()) for f in (a, b))
+    assert ra["hardware"]["world_size"] == rb["hardware"]["world_size"] == 2
+    assert [r["top1"] for r in ra["curve"]] == [r["top1"] for r in rb["curve"]]  # same ranks, same batches, same math
+    wa, wb = (torch.load(f / "checkpoint.pt", weights_only=False)["model"] for f in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_nodes_that_see_different_run_folders_stop_with_a_clear_error(tmp_path):
+    outs = (tmp_path / "node0", tmp_path / "node1")  # as if `out` were a node-local disk
+    for code, err in _two_nodes(outs):
+        assert code == 0, err[-3000:]  # first launch: both folders empty, the ranks agree
+    results = _two_nodes(outs)  # node 0 now holds the finished run, node 1 does not
+    for code, err in results:
+        assert code != 0 and "must be on a filesystem shared by every node" in err, err[-3000:]

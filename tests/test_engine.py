@@ -32,9 +32,11 @@ def assert_same_state(a, b):
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
-    assert sa.keys() == sb.keys()
-    for i in sa:
-        assert torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"])
+    assert sa.keys() == sb.keys() and sa
+    for i in sa:  # every per-parameter tensor: SGD's momentum buffer, AdamW's step and moments
+        assert sa[i].keys() == sb[i].keys()
+        for k, v in sa[i].items():
+            assert torch.equal(v, sb[i][k]), (i, k)
 
 
 def test_run_folder_contents(tmp_path, capsys):
@@ -72,6 +74,33 @@ def test_resume_after_stop_after_is_exact(tmp_path):
     assert_same_state(weights(ref), weights(part))
     ra, rb = (json.loads((f / "result.json").read_text()) for f in (ref, part))
     assert ra["curve"] == rb["curve"]
+
+
+def test_adamw_cosine_warmup_resume_is_exact(tmp_path):
+    args = ("optimizer=adamw", "lr=0.002", "weight_decay=0.05", "lr_schedule=cosine", "warmup_epochs=2",
+            "schedule_ref_epochs=6")
+    ref = run(tmp_path / "a", *args)
+    for _ in range(3):
+        part = run(tmp_path / "b", *args, "stop_after=1")
+    assert part.name == ref.name
+    a, b = weights(ref), weights(part)
+    assert_same_state(a, b)
+    group = a["optimizer"]["param_groups"][0]
+    assert group["weight_decay"] == 0.05 and group.get("decoupled_weight_decay", True)
+    assert all({"exp_avg", "exp_avg_sq"} <= set(st) for st in a["optimizer"]["state"].values())
+    ra, rb = (json.loads((f / "result.json").read_text()) for f in (ref, part))
+    assert ra["curve"] == rb["curve"]
+    # warm-up 2 of 6 epochs -> 1 of 3: epoch 1 at lr; then cosine over 2 epochs: lr, lr * (1 + cos(pi/2)) / 2
+    assert [r["lr"] for r in ra["curve"]] == pytest.approx([0.002, 0.002, 0.001])
+
+
+def test_default_optimizer_is_sgd_with_the_step_schedule(tmp_path):
+    folder = run(tmp_path, "lr_milestones=[1]", "schedule_ref_epochs=2", epochs=2)
+    group = weights(folder)["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, False, 5e-4)
+    assert all(set(st) == {"momentum_buffer"} for st in weights(folder)["optimizer"]["state"].values())
+    curve = json.loads((folder / "result.json").read_text())["curve"]
+    assert [r["lr"] for r in curve] == pytest.approx([0.05, 0.005])  # x0.1 after epoch 1
 
 
 def test_stop_after_leaves_no_result(tmp_path):

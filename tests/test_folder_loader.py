@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from ipsd.config import ConfigError, load_run_config
-from ipsd.data.folder_loader import FolderLoader, subset_files
+from ipsd.data.datasets import subset_items
+from ipsd.data.folder_loader import FolderLoader
 from ipsd.data.folders import IMAGENET_MEAN, IMAGENET_STD, read_class_folders
 from ipsd.engine import resolve, train
 from ipsd.method import Needs
@@ -127,13 +128,13 @@ def test_ranks_split_each_step(data):
         assert sorted(union.tolist()) == sorted(b.index.tolist())
 
 
-def test_subset_files(data):
-    sub = subset_files(data, per_class=2, classes=[2, 0], test_per_class=1)
+def test_subset_items(data):
+    sub = subset_items(data, per_class=2, classes=[2, 0], test_per_class=1)
     assert sub.classes == ["class2", "class0"]
     assert sub.train_y.tolist() == [1, 1, 0, 0] and sub.test_y.tolist() == [1, 0]
     assert [p.parent.name for p in sub.train_paths] == ["class0", "class0", "class2", "class2"]
     with pytest.raises(ValueError, match="only 6 train images"):
-        subset_files(data, per_class=7)
+        subset_items(data, per_class=7)
 
 
 def test_resolve_accepts_file_datasets_and_identity_keys():

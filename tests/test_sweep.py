@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.grid import expand, load_table, replicate_seed
 from benchmarks.sweep import LaunchOptions, SlurmRun, launch_slurm, sweep, train_args
@@ -58,6 +59,23 @@ def test_table_errors_name_the_problem(tmp_path):
         load_table(tiny_table(tmp_path), "smok")
     with pytest.raises(ConfigError, match=r"tiny \[Hard Label / ResNet18\]: unknown key 'epoch'"):
         expand(load_table(tiny_table(tmp_path), "full", ["epoch=3"]))
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "benchmarks").glob("table*.yaml")))
+def test_every_table_plans_in_every_profile(name):
+    path = ROOT / "benchmarks" / name
+    for profile in dict.fromkeys(["full", *(yaml.safe_load(path.read_text()).get("profiles") or {})]):
+        assert expand(load_table(path, profile)), profile
+
+
+def test_table2_mvitv2_column_uses_the_scaled_adamw_recipe():
+    runs = [r for r in expand(load_table(ROOT / "benchmarks" / "table2.yaml")) if r.column == "MViTv2"]
+    assert {r.row for r in runs} == {"Hard Label", "IPS (2x2)"}
+    for r in runs:
+        c = r.cfg
+        assert (c.optimizer, c.lr_schedule, c.batch_size, c.epochs, c.weight_decay) == ("adamw", "cosine", 192, 200, 0.05)
+        assert c.lr == pytest.approx(5e-4 * 192 / 512)  # DeiT/MViTv2 linear scaling of 5e-4 per 512 images
+        assert c.warmup_epochs == round(70 * 200 / 300) and c.schedule_ref_epochs == 200  # MViTv2's 70 of 300
 
 
 def test_train_args_reproduce_the_config(tmp_path):

@@ -125,3 +125,15 @@ def subset(
     them 0..len-1 in the given order. Images keep their original relative order."""
     tr, te, fields = subset_selection(data, per_class, classes, test_per_class)
     return replace(data, train_x=data.train_x[tr].contiguous(), test_x=data.test_x[te].contiguous(), **fields)
+
+
+def subset_items(data, per_class: int | None = None, classes: list[int] | None = None,
+                 test_per_class: int | None = None):
+    """:func:`subset` for datasets read per batch (file lists, FFCV rows): the same selection, applied to
+    the per-image items named by ``data.ITEMS`` (train, test), which keep their relative order."""
+    tr, te, fields = subset_selection(data, per_class, classes, test_per_class)
+    train_items, test_items = data.ITEMS
+    pick = {train_items: tr, test_items: te}
+    items = {name: [getattr(data, name)[i] for i in idx.tolist()] if isinstance(getattr(data, name), list)
+             else getattr(data, name)[idx] for name, idx in pick.items()}
+    return replace(data, **items, **fields)

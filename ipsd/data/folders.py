@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -48,6 +48,7 @@ CUB_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "cl
 class FileDataset:
     """A split of an image dataset on disk: paths + int64 labels (+ class names)."""
 
+    ITEMS: ClassVar[tuple[str, str]] = ("train_paths", "test_paths")  # what a subset selects (subset_items)
     name: str
     root: Path
     train_paths: list[Path]

@@ -18,19 +18,20 @@ from .sampler import EpochSampler
 PAD = 4  # RandomCrop(32, padding=4), zero fill
 
 
-class DeviceLoader:
-    def __init__(self, data: ImageData, device: torch.device, batch_size: int, needs: Needs,
-                 seed: int, rank: int = 0, world: int = 1, channels_last: bool = False):
-        self.sampler = EpochSampler(data.train_y, data.num_classes, batch_size, needs, seed, rank, world, device)
-        self.device, self.needs, self.seed, self.rank, self.world = device, needs, seed, rank, world
+class LoaderBase:
+    """What every loader shares: the EpochSampler (which anchors and partners a rank sees), uint8 -> float
+    normalisation on the training device, and this rank's share of the test set.
+
+    Subclasses provide ``epoch(epoch) -> Iterator[Batch]`` and ``test_batches(batch_size)``."""
+
+    def __init__(self, labels: Tensor, num_classes: int, mean, std, device: torch.device, batch_size: int,
+                 needs: Needs, seed: int, rank: int, world: int, channels_last: bool, sampler_device="cpu"):
+        self.sampler = EpochSampler(labels, num_classes, batch_size, needs, seed, rank, world, sampler_device)
+        self.device, self.needs, self.seed, self.rank, self.world = torch.device(device), needs, seed, rank, world
         self.local_batch = self.sampler.local_batch
         self.channels_last = channels_last
-        self.size = data.image_size
-        self.train = F.pad(data.train_x.to(device), (PAD,) * 4)  # padded once, cropped per batch
-        self.train_y = self.sampler.labels
-        self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
-        mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
-        std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+        mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std  # x/255 normalised = x*scale + shift
 
     def __len__(self) -> int:
@@ -39,6 +40,26 @@ class DeviceLoader:
     @property
     def images_per_step(self) -> int:
         return self.local_batch * self.world * self.needs.images_per_anchor
+
+    def normalise(self, x_u8: Tensor) -> Tensor:
+        """uint8 (B, C, H, W) on any device -> normalised float on the training device."""
+        x = x_u8.to(self.device, non_blocking=True).float() * self.scale + self.shift
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+
+    def test_range(self, n: int) -> tuple[int, int]:
+        """This rank's disjoint, contiguous share [lo, hi) of ``n`` test images."""
+        return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+
+class DeviceLoader(LoaderBase):
+    def __init__(self, data: ImageData, device: torch.device, batch_size: int, needs: Needs,
+                 seed: int, rank: int = 0, world: int = 1, channels_last: bool = False):
+        super().__init__(data.train_y, data.num_classes, data.mean, data.std, device, batch_size, needs, seed,
+                         rank, world, channels_last, sampler_device=device)
+        self.size = data.image_size
+        self.train = F.pad(data.train_x.to(device), (PAD,) * 4)  # padded once, cropped per batch
+        self.train_y = self.sampler.labels
+        self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
 
     def augment(self, idx: Tensor, g: torch.Generator) -> Tensor:
         """Train transform of images ``idx``: random crop + flip, then normalisation."""
@@ -62,10 +83,6 @@ class DeviceLoader:
 
         return self.normalise(rand_augment(self.crop_flip(idx, g), g, **dict(self.needs.strong_args)))
 
-    def normalise(self, x_u8: Tensor) -> Tensor:
-        x = x_u8.float() * self.scale + self.shift
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches for a 1-indexed epoch."""
         g_aug = generator(self.device, "augment", self.seed, epoch, self.rank)
@@ -79,8 +96,7 @@ class DeviceLoader:
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's disjoint share of the test set, normalised, no augmentation."""
-        n = len(self.test_y)
-        lo, hi = self.rank * n // self.world, (self.rank + 1) * n // self.world
+        lo, hi = self.test_range(len(self.test_y))
         for s in range(lo, hi, batch_size):
             e = min(s + batch_size, hi)
             yield self.normalise(self.test_x[s:e]), self.test_y[s:e]

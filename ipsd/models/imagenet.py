@@ -37,10 +37,11 @@ in to it explicitly), lr 0.1 (the standard ImageNet SGD recipe for batch 256). M
 family ``mobilenet`` with lr 0.05: an assumption, as IPS does not state its MobileNetV2
 ImageNet recipe. MViTv2-T is family ``mvit`` with lr 0.1 as a placeholder only: the original
 MViTv2 recipe (facebookresearch/mvit ``configs/MVITv2_T.yaml``) trains with AdamW (base lr
-2.5e-4, weight decay 0.05, gradient clipping at L2 norm 1.0, drop-path 0.1), which the suite's
-SGD engine cannot express without an optimizer option; the IPS paper's MViTv2 run uses batch
-192 for 200 epochs. Drop-path defaults to 0 here (timm's default, keeping train-mode forwards
-deterministic); ``build_mvitv2(num_classes, drop_path_rate=0.1)`` gives the original setting.
+2.5e-4, weight decay 0.05, gradient clipping at L2 norm 1.0, drop-path 0.1); runs set
+``optimizer=adamw lr_schedule=cosine`` and their lr explicitly (``benchmarks/table2.yaml``);
+gradient clipping is not available. The IPS paper's MViTv2 run uses batch 192 for 200 epochs.
+Drop-path defaults to 0 here (timm's default, keeping train-mode forwards deterministic);
+``build_mvitv2(num_classes, drop_path_rate=0.1)`` gives the original setting.
 """
 from __future__ import annotations
 
