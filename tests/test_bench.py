@@ -34,7 +34,8 @@ def test_file_loader_bench_reports_both_loaders(ffcv_installed, tmp_path, capsys
     assert main(["bench", "--file-loaders", "--images", "20", "--workers", "1", "--json", str(path)]) == 0
     out = json.loads(path.read_text())
     for kind in ("plain", "pairs (IPS)"):
-        for key in ("folder", "ffcv", "ffcv_over_folder"):
+        for key in ("folder_decode", "ffcv_decode", "folder_batches", "ffcv_batches", "ffcv_over_folder_decode",
+                    "ffcv_over_folder_batches"):
             assert math.isfinite(out[kind][key]) and out[kind][key] > 0, (kind, key)
     assert out["images"] == 20 and out["train_beton_mb"] > 0
     assert "ffcv img/s" in capsys.readouterr().out

@@ -43,8 +43,9 @@ class LoaderBase:
 
     def normalise(self, x_u8: Tensor) -> Tensor:
         """uint8 (B, C, H, W) on any device -> normalised float on the training device."""
-        x = x_u8.to(self.device, non_blocking=True).float() * self.scale + self.shift
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        # lay out the uint8 input first (4x less to move than floats); elementwise ops keep the layout
+        return x_u8.to(self.device, non_blocking=True).contiguous(memory_format=layout).float() * self.scale + self.shift
 
     def test_range(self, n: int) -> tuple[int, int]:
         """This rank's disjoint, contiguous share [lo, hi) of ``n`` test images."""
