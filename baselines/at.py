@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ipsd.config import param
-from ipsd.losses import ce_and_kd, fp32
-from ipsd.method import Method, Setup, register_method
+from ipsd.method import FeatureKD, register_method
+from ipsd.models import Features
 
 
 @dataclass
@@ -91,18 +91,11 @@ def at_pair_loss(f_s: Tensor, f_t: Tensor, p: float = 2.0, mode: str = "code") -
 
 
 @register_method("at")
-class AT(Method):
+class AT(FeatureKD):
     Config = ATConfig
-    needs_teacher = True
+    term = "at"
 
-    def __init__(self, cfg: ATConfig, setup: Setup):
-        super().__init__(cfg, setup)
-
-    def forward(self, model, batch, step):
+    def feature_loss(self, feat_s: Features, feat_t: Features) -> Tensor:
         c = self.cfg
-        z_s, feat_s = model(batch.x, features=True)
-        z_t, feat_t = self.teacher(batch.x, features=True)
-        with fp32(z_s):
-            at = sum(at_pair_loss(fs, ft, c.p, c.mode) for fs, ft in stage_pairs(feat_s.stages, feat_t.stages,
-                                                                                 c.unequal_stages))
-        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "at": c.beta * at}
+        return sum(at_pair_loss(fs, ft, c.p, c.mode) for fs, ft in stage_pairs(feat_s.stages, feat_t.stages,
+                                                                                c.unequal_stages))

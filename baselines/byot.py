@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ipsd.config import ConfigError, param
 from ipsd.losses import ce, soft_ce
 from ipsd.method import Method, Setup, register_method
+from ipsd.models.base import he_init
 
 RESNET_FAMILIES = ("resnet", "cifar_resnet", "imagenet_resnet")
 FORM_DEFAULTS = {"final": {"alpha": 0.3, "head": "sepconv", "attention": True},
@@ -74,15 +75,6 @@ def _check_family(model: str, family: str) -> None:
     if family not in RESNET_FAMILIES:
         raise ConfigError(f"method=byot supports ResNets only (model families {', '.join(RESNET_FAMILIES)}); "
                           f"model={model} is a {family or 'unknown'} model. Pick e.g. model=resnet18.")
-
-
-def _init(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def sep_conv(cin: int, cout: int, stride: int) -> nn.Sequential:
@@ -116,7 +108,7 @@ class AuxHead(nn.Module):
         else:
             self.branch = bottleneck_branch(channels[s], channels[-1], 2 ** (len(channels) - 1 - s))
         self.fc = nn.Linear(channels[-1], num_classes)
-        _init(self)
+        he_init(self)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(logits, pre-pool map, pooled vector)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ipsd.config import param
 from ipsd.losses import ce_and_kd
-from ipsd.method import Method, Setup, register_method
+from ipsd.method import Method, register_method
 
 # ------------------------------------------------------------------------------------------------ KD
 
@@ -31,9 +31,6 @@ class KDConfig:
 class KD(Method):
     Config = KDConfig
     needs_teacher = True
-
-    def __init__(self, cfg: KDConfig, setup: Setup):
-        super().__init__(cfg, setup)
 
     def forward(self, model, batch, step):
         z_s = model(batch.x)

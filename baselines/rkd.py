@@ -35,9 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ipsd.config import param
-from ipsd.dist import gather_rows
-from ipsd.losses import ce_and_kd, fp32
-from ipsd.method import Method, Setup, register_method
+from ipsd.dist import relation_rows
+from ipsd.method import FeatureKD, register_method
+from ipsd.models import Features
 
 
 @dataclass
@@ -89,20 +89,10 @@ def rkd_loss(e_s: Tensor, e_t: Tensor, w_dist: float = 25.0, w_angle: float = 50
 
 
 @register_method("rkd")
-class RKD(Method):
+class RKD(FeatureKD):
     Config = RKDConfig
-    needs_teacher = True
+    term = "rkd"
 
-    def __init__(self, cfg: RKDConfig, setup: Setup):
-        super().__init__(cfg, setup)
-
-    def forward(self, model, batch, step):
+    def feature_loss(self, feat_s: Features, feat_t: Features) -> Tensor:
         c = self.cfg
-        z_s, feat_s = model(batch.x, features=True)
-        z_t, feat_t = self.teacher(batch.x, features=True)
-        e_s, e_t = feat_s.pooled, feat_t.pooled
-        if c.relations == "global":
-            e_s, e_t = gather_rows(e_s), gather_rows(e_t)
-        with fp32(z_s):
-            rkd = rkd_loss(e_s, e_t, c.w_dist, c.w_angle)
-        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "rkd": c.beta * rkd}
+        return rkd_loss(*relation_rows(c.relations, feat_s.pooled, feat_t.pooled), c.w_dist, c.w_angle)

@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ipsd.config import param
-from ipsd.dist import gather_rows
-from ipsd.losses import ce_and_kd, fp32
-from ipsd.method import Method, Setup, register_method
+from ipsd.dist import relation_rows
+from ipsd.method import FeatureKD, register_method
 from ipsd.models import Features
 
 
@@ -64,20 +63,10 @@ def tapped(feat: Features, tap: str) -> Tensor:
 
 
 @register_method("sp")
-class SP(Method):
+class SP(FeatureKD):
     Config = SPConfig
-    needs_teacher = True
+    term = "sp"
 
-    def __init__(self, cfg: SPConfig, setup: Setup):
-        super().__init__(cfg, setup)
-
-    def forward(self, model, batch, step):
+    def feature_loss(self, feat_s: Features, feat_t: Features) -> Tensor:
         c = self.cfg
-        z_s, feat_s = model(batch.x, features=True)
-        z_t, feat_t = self.teacher(batch.x, features=True)
-        f_s, f_t = tapped(feat_s, c.tap), tapped(feat_t, c.tap)
-        if c.relations == "global":
-            f_s, f_t = gather_rows(f_s), gather_rows(f_t)
-        with fp32(z_s):
-            sp = sp_loss(f_s, f_t)
-        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), "sp": c.beta * sp}
+        return sp_loss(*relation_rows(c.relations, tapped(feat_s, c.tap), tapped(feat_t, c.tap)))

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from ipsd.config import ConfigError, param
 from ipsd.data.randaugment import MAX_MAGNITUDE
-from ipsd.dist import gather_rows
+from ipsd.dist import relation_rows
 from ipsd.losses import ce, fp32, kl_t2
 from ipsd.method import (
     Batch,
@@ -237,8 +237,7 @@ class VRM(Method):
         if c.zsnorm:
             t, tv = zsnorm(t), zsnorm(tv)
         raw, raw_v = z.detach(), zv.detach()  # pruning uses the student's own predictions, no gradient
-        if c.relations == "global":
-            s, sv, t, tv, raw, raw_v = (gather_rows(x) for x in (s, sv, t, tv, raw, raw_v))
+        s, sv, t, tv, raw, raw_v = relation_rows(c.relations, s, sv, t, tv, raw, raw_v)
         keep = keep_mask(joint_entropy(raw, raw_v, c.entropy_T, c.joint_entropy), c.prune_m)
         isv = edge_distance(isv_edges(s, sv, c.edge_eps), isv_edges(t, tv, c.edge_eps), keep, c.distance)
         keep_icv = None

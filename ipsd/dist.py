@@ -49,15 +49,20 @@ def init(device_pref: str) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local), device
 
 
+def active() -> bool:
+    """A process group is up (torchrun with WORLD_SIZE > 1, or a test's own group)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.all_reduce(t)
     return t
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors from all ranks along dim 0 (identity without DDP)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
@@ -66,14 +71,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Make every rank's buffers (BatchNorm statistics) equal to rank 0's."""
-    if dist.is_available() and dist.is_initialized():
+    if active():
         for b in module.buffers():
             dist.broadcast(b, 0)
 
 
 def gather_objects(obj):
     """Every rank's picklable ``obj`` as a list indexed by rank (``[obj]`` without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -81,12 +86,12 @@ def gather_objects(obj):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if active():
         dist.barrier()
 
 
 def broadcast_object(obj):
-    if not (dist.is_available() and dist.is_initialized()):
+    if not active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, 0)
@@ -115,10 +120,16 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     so that is world * dL/d(own rows), and DDP's averaging yields exactly the single-process gradient.
     Shard sizes are equal (the loader's contract). Identity without a process group.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not active() or dist.get_world_size() == 1:
         return t
     if not t.requires_grad:
         return all_gather_cat(t)
     from torch.distributed.nn.functional import all_gather
 
     return _ContiguousGrad.apply(torch.cat(all_gather(t.contiguous())))
+
+
+def relation_rows(relations: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The rows a relational loss (SP, RKD, VRM) is built over: the global batch (``relations="global"``,
+    :func:`gather_rows`) or this rank's own (``"local"``, DataParallel-like)."""
+    return tuple(gather_rows(t) for t in tensors) if relations == "global" else tensors

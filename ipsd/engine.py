@@ -429,9 +429,7 @@ def _result(res: Resolved, state: dict, device, info, loader, settings,
         "images_per_step": loader.images_per_step,
         "peak_memory_mib": runs.peak_memory_mib(device),
         "teacher": teacher_info,
-        "ffcv_copy": ({"folder": str(loader.data.folder), "ffcv": loader.data.meta["ffcv"],
-                       "write": loader.data.meta["write"], "source": loader.data.meta["source"]}
-                      if cfg.loader == "ffcv" else None),
+        "ffcv_copy": loader.data.provenance() if cfg.loader == "ffcv" else None,
     }
 
 

@@ -126,6 +126,28 @@ class Method(nn.Module):
         return {}
 
 
+class FeatureKD(Method):
+    """Teacher methods of the form ``gamma * CE + alpha * KD + beta * <feature term>`` over one student and one
+    teacher forward with features (AT, SP, RKD). Subclasses name the term (``term``) and compute it from the two
+    ``Features`` in :meth:`feature_loss`, which runs with autocast off; their Config has gamma, alpha, beta, T."""
+
+    needs_teacher = True
+    term: ClassVar[str] = ""
+
+    def feature_loss(self, feat_s: Any, feat_t: Any) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:
+        from .losses import ce_and_kd, fp32
+
+        c = self.cfg
+        z_s, feat_s = model(batch.x, features=True)
+        z_t, feat_t = self.teacher(batch.x, features=True)
+        with fp32(z_s):
+            loss = self.feature_loss(feat_s, feat_t)
+        return {**ce_and_kd(z_s, z_t, batch.y, c.gamma, c.alpha, c.T), self.term: c.beta * loss}
+
+
 METHODS: Registry[type[Method]] = Registry("method")
 
 
@@ -149,15 +171,11 @@ def forward_views(model: nn.Module, *views: Tensor, joint: bool = False, feature
     if not features:
         return list(out.split(sizes))
     logits, feats = out
-    per_field = {f.name: getattr(feats, f.name) for f in dataclasses.fields(feats)}
-    result = []
-    for i, chunk in enumerate(logits.split(sizes)):
-        fields = {
-            k: ([t.split(sizes)[i] for t in v] if isinstance(v, list) else v.split(sizes)[i])
-            for k, v in per_field.items()
-        }
-        result.append((chunk, type(feats)(**fields)))
-    return result
+    split = {f.name: ([t.split(sizes) for t in v] if isinstance(v, list) else v.split(sizes))
+             for f in dataclasses.fields(feats) for v in [getattr(feats, f.name)]}  # each field split once
+    return [(chunk, type(feats)(**{k: ([parts[i] for parts in v] if isinstance(v, list) else v[i])
+                                   for k, v in split.items()}))
+            for i, chunk in enumerate(logits.split(sizes))]
 
 
 def load_methods() -> Registry[type[Method]]:

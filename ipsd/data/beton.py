@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..runs import atomic_write_json
 from .datasets import DataError
-from .folders import FileDataset
+from .folders import FileDataset, open_rgb
 
 FORMAT = 1
 SPLITS = ("train", "test")
@@ -61,8 +61,7 @@ class _Images:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        with Image.open(self.paths[i]) as im:
-            return im.convert("RGB"), self.labels[i]
+        return open_rgb(self.paths[i]), self.labels[i]
 
 
 def write_betons(data: FileDataset, folder: str | os.PathLike[str], max_resolution: int = 512,
@@ -126,6 +125,11 @@ class BetonDataset:
 
     def file(self, split: str) -> Path:
         return self.folder / self.meta["splits"][split]["file"]
+
+    def provenance(self) -> dict[str, Any]:
+        """What a run record keeps of the copy it trained on."""
+        return {"folder": str(self.folder), "ffcv": self.meta["ffcv"], "write": self.meta["write"],
+                "source": self.meta["source"]}
 
 
 def read_beton_labels(path: Path) -> np.ndarray:

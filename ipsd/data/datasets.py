@@ -42,8 +42,7 @@ class ImageData:
             if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3 or not x.is_contiguous():
                 raise ValueError(f"{self.name} {split}_x must be contiguous uint8 (N, 3, H, W), got "
                                  f"{x.dtype} {tuple(x.shape)}")
-            if y.dtype != torch.int64 or y.shape != (x.shape[0],):
-                raise ValueError(f"{self.name} {split}_y must be int64 ({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
+            check_labels(self.name, split, y, x.shape[0])
         if self.train_x.shape[1:] != self.test_x.shape[1:]:
             raise ValueError(f"{self.name}: train and test image shapes differ")
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
@@ -59,6 +58,14 @@ class ImageData:
 
 
 DATASETS = Registry[Callable[..., ImageData]]("dataset")
+
+
+def check_labels(name: str, split: str, y: Tensor, n: int, num_classes: int | None = None) -> None:
+    """A split's labels: int64 of shape (n,) and, when ``num_classes`` is given, in 0..num_classes-1."""
+    if y.dtype != torch.int64 or y.shape != (n,):
+        raise ValueError(f"{name} {split}_y must be int64 ({n},), got {y.dtype} {tuple(y.shape)}")
+    if num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{name} {split}_y has labels outside 0..{num_classes - 1}")
 
 
 def resolve_root(root: str | None) -> Path | None:

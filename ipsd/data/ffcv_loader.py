@@ -66,8 +66,8 @@ class FfcvLoader(FileLoader):
         return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
     def train_blocks(self, epoch: int, steps: list[tuple[Tensor, Tensor | None]]) -> Iterator[tuple[Tensor, ...]]:
-        order = [self.step_order(idx, pidx) for idx, pidx in steps]
-        self._train_order.rows = self.train_rows[np.concatenate(order).astype(np.int64)]
+        order = torch.cat([self.step_order(idx, pidx) for idx, pidx in steps])
+        self._train_order.rows = self.train_rows[order.numpy()]
         g_flip = generator(self.device, "flip", self.seed, epoch, self.rank)
         for (x,) in self._train:
             yield self._flip(x.to(self.device, non_blocking=True), g_flip).chunk(self.parts)

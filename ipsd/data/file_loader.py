@@ -38,14 +38,10 @@ class FileLoader(LoaderBase):
         """Blocks per step: anchors, [partners], [second views]."""
         return 1 + int(self.needs.pairs) + int(self.needs.views == 2)
 
-    def step_order(self, idx: Tensor, pidx: Tensor | None) -> list[int]:
+    def step_order(self, idx: Tensor, pidx: Tensor | None) -> Tensor:
         """Dataset indices to decode for one step, in block order."""
-        order = idx.tolist()
-        if pidx is not None:
-            order += pidx.tolist()
-        if self.needs.views == 2:
-            order += idx.tolist()
-        return order
+        second = [idx] if self.needs.views == 2 else []
+        return torch.cat([idx, *([pidx] if pidx is not None else []), *second])
 
     def train_blocks(self, epoch: int, steps: list[tuple[Tensor, Tensor | None]]) -> Iterator[tuple[Tensor, ...]]:
         """Per step, ``parts`` uint8 (B, C, S, S) blocks of the augmented crops (the backend's job)."""

@@ -37,13 +37,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..rng import derive_seed, generator
 from .file_loader import FileLoader
-from .folders import FileDataset
+from .folders import FileDataset, open_rgb
 
 SEED_MOD = 2**63
 
@@ -54,11 +53,6 @@ def _transforms(image_size: int):
     train = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.PILToTensor()])
     test = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.PILToTensor()])
     return train, test
-
-
-def _open_rgb(path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 class _TrainImages(Dataset):
@@ -72,7 +66,7 @@ class _TrainImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Tensor:
         index, seed = item
-        image = _open_rgb(self.paths[index])
+        image = open_rgb(self.paths[index])
         with torch.random.fork_rng(devices=[]):  # only the CPU generator, restored afterwards
             torch.default_generator.manual_seed(seed)
             return self.transform(image)
@@ -86,7 +80,7 @@ class _TestImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Tensor:
-        return self.transform(_open_rgb(self.paths[index]))
+        return self.transform(open_rgb(self.paths[index]))
 
 
 class _SplitCollate:
@@ -119,7 +113,7 @@ class FolderLoader(FileLoader):
         never holds more than the steps the DataLoader has prefetched."""
         for s, (idx, pidx) in enumerate(steps):
             base = derive_seed("augment", self.seed, epoch, self.rank, s)
-            yield [(i, (base + slot) % SEED_MOD) for slot, i in enumerate(self.step_order(idx, pidx))]
+            yield [(i, (base + slot) % SEED_MOD) for slot, i in enumerate(self.step_order(idx, pidx).tolist())]
 
     def train_blocks(self, epoch: int, steps: list[tuple[Tensor, Tensor | None]]) -> Iterator[tuple[Tensor, ...]]:
         return iter(self._loader(self.train_set, self._step_items(epoch, steps), self.parts))

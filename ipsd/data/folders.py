@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import torch
+from PIL import Image
 from torch import Tensor
 
-from ipsd.data.datasets import DataError
+from ipsd.data.datasets import DataError, check_labels
 from ipsd.registry import Registry
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -61,12 +62,8 @@ class FileDataset:
 
     def __post_init__(self) -> None:
         # Same policy as ImageData: fail at construction, not deep inside a training step.
-        k = len(self.classes)
         for split, paths, y in (("train", self.train_paths, self.train_y), ("test", self.test_paths, self.test_y)):
-            if y.dtype != torch.int64 or y.shape != (len(paths),):
-                raise ValueError(f"{self.name} {split}_y must be int64 ({len(paths)},), got {y.dtype} {tuple(y.shape)}")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-                raise ValueError(f"{self.name} {split}_y has labels outside 0..{k - 1}")
+            check_labels(self.name, split, y, len(paths), len(self.classes))
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
 
@@ -76,6 +73,12 @@ class FileDataset:
 
 
 FILE_DATASETS = Registry[Callable[[Path], FileDataset]]("file dataset")
+
+
+def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """One image file decoded to RGB (grey, palette and CMYK files included), the file closed again."""
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 # ---------------------------------------------------------------- shared helpers

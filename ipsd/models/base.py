@@ -92,3 +92,14 @@ def register_model(name: str, display: str, family: str, lr: float = 0.05) -> Ca
 def build_model(name: str, num_classes: int) -> Backbone:
     """Instantiate a registered model; unknown names raise ``KeyError`` naming close matches."""
     return MODELS.get(name).build(num_classes)
+
+
+def he_init(module: nn.Module) -> None:
+    """RepDistiller's initialisation of its ResNets: He-normal (fan_out) convs, unit-weight zero-bias
+    BatchNorm; linear layers keep PyTorch's default."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

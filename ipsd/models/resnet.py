@@ -11,7 +11,7 @@ from typing import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ipsd.models.base import Backbone, register_model, run_stages
+from ipsd.models.base import Backbone, he_init, register_model, run_stages
 
 
 def conv_bn(in_ch: int, out_ch: int, kernel: int, stride: int = 1) -> nn.Sequential:
@@ -100,14 +100,7 @@ class ResNet(Backbone):
         self.num_features = in_ch
         self.classifier = nn.Linear(in_ch, num_classes)
 
-        # RepDistiller init: He-normal (fan_out) convs, unit BN, zero_init_residual=False;
-        # the linear layer keeps PyTorch's default init.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self)  # RepDistiller's, with zero_init_residual=False
 
     def trunk(self, x: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         stem = self.stem(x)
