@@ -1,4 +1,4 @@
-"""AT: attention transfer (Zagoruyko & Komodakis, ICLR 2017), spec teacher_kd a.2, (f) 5.
+"""AT: attention transfer (Zagoruyko & Komodakis, ICLR 2017).
 
 Default ``mode="code"`` is the variant every CIFAR benchmark implements (RepDistiller, mdistiller,
 torchdistill ``mode='code'``) and the one beta = 1000 is calibrated for. For a map f (B, C, H, W):
@@ -13,12 +13,13 @@ averaged over the batch (torchdistill's ``mode='paper'`` divides by the batch si
 1/2 is the paper's beta/2. beta = 1000 was not tuned for this form: pass your own.
 
 Taps: ``Features.stages`` (RepDistiller ``feat[1:-1]``: every stage output after its final ReLU, not
-pooled). Pairs are matched by stage INDEX, not by resolution (spec (f) 5). When the two maps of a pair
-differ spatially, the larger one (teacher or student) is adaptive-average-pooled to the smaller before q
-is computed, to (h, h) with h the smaller HEIGHT (RepDistiller pools with the height for both dimensions;
-all zoo maps are square). For ResNet101 -> VGG16 this pools the teacher's first three maps 32->16,
-16->8, 8->4; the last pair is 4x4 vs 4x4. Channel counts never need to match.
-[ASSUME] When teacher and student have different numbers of stages (e.g. a 4-stage ResNet50 teacher and
+pooled). Pairs are matched by stage INDEX, as RepDistiller does, not by resolution (which would pair
+differently). When the two maps of a pair differ spatially, the larger one (teacher or student) is
+adaptive-average-pooled to the smaller before q is computed, to (h, h) with h the smaller HEIGHT
+(RepDistiller pools with the height for both dimensions; all zoo maps are square). For ResNet101 -> VGG16
+this pools the teacher's first three maps 32->16, 16->8, 8->4; the last pair is 4x4 vs 4x4. Channel counts
+never need to match.
+Assumed: when teacher and student have different numbers of stages (e.g. a 4-stage ResNet50 teacher and
 a 3-stage CIFAR ResNet student), RepDistiller's ``zip`` pairs the first min(n_s, n_t) stages; that is
 ``unequal_stages="first"``; ``"last"`` pairs the deepest ones instead. The Table-4 pairs (4 vs 4) never
 hit this.
@@ -52,7 +53,7 @@ class ATConfig:
                       doc="code: channel-mean, squared difference, elementwise mean (beta 1000); "
                           "paper: channel-sum, (1/2)*||.||_2 not squared, batch mean (Eq. 2)")
     unequal_stages: str = param("first", choices=("first", "last"),
-                                doc="[ASSUME] if teacher/student stage counts differ: pair the first "
+                                doc="assumed: if teacher/student stage counts differ: pair the first "
                                     "min(n_s, n_t) stages (RepDistiller's zip) or the deepest ones")
 
 

@@ -1,4 +1,4 @@
-"""CRD: Contrastive Representation Distillation (Tian et al., ICLR 2020), spec teacher_kd a.5, (f) 7-8.
+"""CRD: Contrastive Representation Distillation (Tian et al., ICLR 2020), as RepDistiller implements it.
 
 The pooled penultimate vectors of student and (frozen) teacher pass through two trainable linear
 embeddings + L2 normalisation (``embed_s``: D_s -> 128, ``embed_t``: D_t -> 128). They are ``nn.Module``
@@ -148,6 +148,7 @@ def nce_loss(s: Tensor, n_data: int) -> Tensor:
 class CRD(Method):
     Config = CRDConfig
     needs_teacher = True
+    cost_note = "2B(K+1)x128 memory-bank gather"
 
     def __init__(self, cfg: CRDConfig, setup: Setup):
         super().__init__(cfg, setup)

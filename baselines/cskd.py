@@ -1,4 +1,4 @@
-"""CS-KD: Class-wise Self-Knowledge Distillation (Yun et al., CVPR 2020; `alinlab/cs-kd`), spec b.5, P17.
+"""CS-KD: Class-wise Self-Knowledge Distillation (Yun et al., CVPR 2020; `alinlab/cs-kd`).
 
 Each anchor is paired with another training image of its class. The anchors are forwarded with
 gradient; the partners are forwarded in train mode (so BatchNorm running statistics are updated
@@ -14,7 +14,8 @@ pass ``method_args.lambda_cls=3 batch_size=32`` for those runs.
 
 The official ``PairBatchSampler`` draws each partner uniformly from the anchor's class with the
 anchor itself allowed, hence ``self_pairs=True`` by default; ``self_pairs=false`` excludes it.
-Native CS-KD schedule and pre-activation ResNet are not used (unified harness, spec §0 / P22).
+The native CS-KD schedule and pre-activation ResNet are not used: every method shares one schedule and
+one model zoo (RepDistiller's), since each baseline repository ships a different ResNet18.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ class CSKDConfig:
 @register_method("cskd")
 class CSKD(Method):
     Config = CSKDConfig
+    cost_note = "the partner's forward runs without grad"
 
-    def __init__(self, cfg: CSKDConfig, setup: Setup):
-        super().__init__(cfg, setup)
-        self.needs = Needs(pairs=True, self_pairs=cfg.self_pairs)
+    @classmethod
+    def needs_for(cls, cfg: CSKDConfig) -> Needs:
+        return Needs(pairs=True, self_pairs=cfg.self_pairs)
 
     def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:
         c = self.cfg

@@ -1,7 +1,7 @@
-"""DDGSD: Data-Distortion Guided Self-Distillation (Xu & Liu, AAAI 2019), spec b.3, P20.
+"""DDGSD: Data-Distortion Guided Self-Distillation (Xu & Liu, AAAI 2019).
 
-There is no official code; the semantics follow the `winycg/Self-KD-Lib` re-implementation, as the
-spec recommends. Every image gets two independent train-transform views (``batch.x``,
+There is no official code; the semantics follow `winycg/Self-KD-Lib`, the most-used public
+re-implementation. Every image gets two independent train-transform views (``batch.x``,
 ``batch.view2``); both go through the network in one concatenated call (shared BatchNorm
 statistics, as Self-KD-Lib), giving logits z1, z2 and pooled penultimate embeddings h1, h2:
 
@@ -12,12 +12,13 @@ statistics, as Self-KD-Lib), giving logits z1, z2 and pooled penultimate embeddi
 where mean(h) is the scalar mean over batch and feature dimensions (a linear-kernel MMD surrogate).
 Each KL direction stops the gradient of its target side (unlike IPS).
 
-Choices the spec leaves open (medium/low confidence, P20):
+Choices not verified against the paper (medium/low confidence; results depend on the re-implementation):
 * T=4 and lambda_mmd=5e-4 are Self-KD-Lib's values, not verified against the DDGSD paper.
-* ``ce_weight=1`` gives the spec's 0.5*(CE1+CE2). Self-KD-Lib's code divides the CE mean over the
-  2B images by 2 once more (= 0.25*(CE1+CE2)); ``ce_weight=0.5`` reproduces that literally.
-* h is ``Features.pooled`` (the classifier input), the spec's "penultimate embedding". (Self-KD-Lib's
-  current ``feature=True`` path returns a list of stage maps, so its MMD line cannot be taken literally.)
+* ``ce_weight=1`` gives 0.5*(CE1+CE2), the mean over both views. Self-KD-Lib's code divides the CE
+  mean over the 2B images by 2 once more (= 0.25*(CE1+CE2)); ``ce_weight=0.5`` reproduces that literally.
+* h is ``Features.pooled`` (the classifier input, the penultimate embedding): Self-KD-Lib calls the
+  network with ``embedding=True``, which returns this same pooled vector (an earlier revision passed
+  ``feature=True``, which returns the stage maps).
 """
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ class DDGSDConfig:
 class DDGSD(Method):
     Config = DDGSDConfig
 
-    def __init__(self, cfg: DDGSDConfig, setup: Setup):
-        super().__init__(cfg, setup)
-        self.needs = Needs(views=2)
+    @classmethod
+    def needs_for(cls, cfg: DDGSDConfig) -> Needs:
+        return Needs(views=2)
+
+    @classmethod
+    def train_views(cls, cfg: DDGSDConfig) -> int:
+        return 2
 
     def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:
         c = self.cfg

@@ -1,4 +1,4 @@
-"""DisturbLabel [Xie et al. CVPR 2016], spec selfdistill b.2: noisy labels re-drawn every step, then CE.
+"""DisturbLabel [Xie et al. CVPR 2016]: noisy labels re-drawn every step, then CE.
 
 Each step, independently per sample, with probability alpha the label is replaced by a uniform draw
 over all C classes (which may give back the true class), so the effective flip rate is alpha(C-1)/C.

@@ -1,4 +1,4 @@
-"""DLB: Self-Distillation from the Last Mini-Batch (Shen et al., CVPR 2022; `Meta-knowledge-Lab/DLB`), spec b.8, P16.
+"""DLB: Self-Distillation from the Last Mini-Batch (Shen et al., CVPR 2022; `Meta-knowledge-Lab/DLB`).
 
 Default ``form="code"`` reproduces the official ``dlb.py``. Every image has two independent views
 (``batch.x`` = view 0, ``batch.view2`` = view 1). At step t, with the current batch D_t and the
@@ -30,7 +30,7 @@ the same ``batch_size`` both forms see the same images per step and differ only 
 Under DDP each rank carries its own previous batch (``per_rank_state``: the engine's checkpoint keeps
 every rank's copy and each rank takes back its own on resume).
 
-Not settled by the spec / assumptions:
+Not settled by the official code / assumptions:
 * T=3, alpha=1 from the paper (``dlb.py`` has no defaults).
 * The official optimiser uses Nesterov momentum; the engine's optimiser is shared, so pass the
   run-level ``nesterov=true`` to match it (not forced here).
@@ -90,9 +90,16 @@ class DLB(Method):
     Config = DLBConfig
     per_rank_state = True
 
+    @classmethod
+    def needs_for(cls, cfg: DLBConfig) -> Needs:
+        return Needs(views=2)
+
+    @classmethod
+    def train_views(cls, cfg: DLBConfig) -> int:
+        return 1 if cfg.form == "code" else 0  # the paper form's first call leads with the previous batch
+
     def __init__(self, cfg: DLBConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.needs = Needs(views=2)
         self.last: LastBatch | None = None  # this rank's previous batch
 
     def forward(self, model: nn.Module, batch: Batch, step: Step) -> dict[str, Tensor]:

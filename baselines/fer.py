@@ -1,4 +1,4 @@
-"""FER: Reducing Flipping Errors (Deng et al., AAAI 2022), spec selfdistill b.7 and pitfall P19.
+"""FER: Reducing Flipping Errors (Deng et al., AAAI 2022; `Xiang-Deng-DL/FER`).
 
 Every training sample i keeps a soft-label memory M_i (N x C, zeros) and a sticky flag c_i
 ("ever classified correctly"), addressed by its dataset index (``batch.index``). Epochs
@@ -18,7 +18,7 @@ row, new flag) of their batch and every rank writes all of them: M and c stay id
 ranks (indices of one step are disjoint across ranks; the loader gives all ranks equal batch sizes).
 
 Hyper-parameters (official ``train.sh``): T = 5, gamma = 0.1, mu = 1.0 (ResNet18) / 0.5 (ShuffleV2).
-Assumptions where the spec says "not given": mu = 1.0 for ResNet34/50/101 and the small CIFAR
+Assumed, since ``train.sh`` does not give them: mu = 1.0 for ResNet34/50/101 and the small CIFAR
 ResNets, 0.5 for ShuffleV1. VGG: the official code has no VGG and IPS Table 3 leaves the FER/VGG
 cells empty; this implementation allows it with mu = 1.0, but such a run reproduces no paper number.
 """

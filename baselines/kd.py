@@ -1,4 +1,4 @@
-"""KD: Hinton et al. 2015 logit distillation from a frozen teacher, spec teacher_kd a.1 (RepDistiller recipe).
+"""KD: Hinton et al. 2015 logit distillation from a frozen teacher (RepDistiller recipe).
 
     L = gamma * CE(z_s, y) + alpha * T^2 * KL_bm(softmax(z_t / T) || softmax(z_s / T))
 

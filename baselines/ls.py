@@ -1,9 +1,9 @@
-"""Label Smoothing [Szegedy et al. 2016], spec selfdistill b.1: cross-entropy to a smoothed one-hot target.
+"""Label Smoothing [Szegedy et al. 2016]: cross-entropy to a smoothed one-hot target.
 
-Two forms exist in the baseline code bases (P21): the standard one, (1-eps) one-hot + eps/C on every
-class (OLS repo; = ``F.cross_entropy(label_smoothing=eps)``), which the spec recommends and is the
-default, and the TF-KD repo's, 1-eps on the target and eps/(C-1) on each other class (``form=others``).
-No detach, no state.
+Two forms exist in the baseline code bases: the standard one, (1-eps) one-hot + eps/C on every
+class (OLS repo; = ``F.cross_entropy(label_smoothing=eps)``), the default, and the TF-KD repo's,
+1-eps on the target and eps/(C-1) on each other class (``form=others``); at C = 100 they differ
+negligibly. No detach, no state.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ipsd.method import Method, Setup, register_method
 class LSConfig:
     eps: float = param(0.1, lo=0, hi=1, doc="smoothing mass taken from the true class")
     form: str = param("uniform", choices=("uniform", "others"),
-                      doc="uniform: (1-eps) one-hot + eps/C (standard, spec default); "
+                      doc="uniform: (1-eps) one-hot + eps/C (standard, the default); "
                           "others: 1-eps on the target, eps/(C-1) elsewhere (TF-KD repo)")
 
 

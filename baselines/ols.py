@@ -1,4 +1,4 @@
-"""OLS: Online Label Smoothing (Zhang et al., TIP 2021), spec selfdistill b.6 and pitfall P18.
+"""OLS: Online Label Smoothing (Zhang et al., TIP 2021; `zhangchbin/OnlineLabelSmoothing`).
 
 Each class c gets a soft label S_c: the mean softmax of the training samples of class c that the
 model classified correctly during the previous epoch. Training minimises
@@ -13,7 +13,7 @@ loss uses. At epoch end ``S_c = A_c / n_c`` if ``n_c > 0`` else uniform ``1/C``;
 across epochs. Under DDP, A and n are summed over ranks before S is updated, so all ranks hold the
 same S (each rank sees a disjoint share of the epoch).
 
-Choices the spec leaves open: "correct" is ``argmax(z) == y`` (first index wins on ties; the
+Implementation details: "correct" is ``argmax(z) == y`` (first index wins on ties; the
 official code uses ``argsort(desc)[0]``, equivalent up to tie-breaking). Accumulation uses
 ``index_add_``: exact fp32 on CPU; on CUDA the order of the atomic adds (and so the last ulp of A)
 is not deterministic unless ``torch.use_deterministic_algorithms(True)``.

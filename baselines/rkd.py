@@ -1,4 +1,4 @@
-"""RKD: relational KD, distance + angle (Park et al., CVPR 2019), spec teacher_kd a.4 (RepDistiller's RKD).
+"""RKD: relational KD, distance + angle (Park et al., CVPR 2019), as RepDistiller's RKD.
 
 On the flattened embeddings e_i (tap: ``Features.pooled``, the global-average-pooled penultimate vector
 that feeds the classifier -- RepDistiller ``feat[-1]``; 2048-d for ResNet50/101, 512-d for ResNet18/34
@@ -17,8 +17,8 @@ and VGG16):
 Not torchdistill's ImageNet sample (unpooled layer4, weights 1 and 2): a different method instance.
 mu is computed as sum(d) / #(d > 0), equal to the masked mean because non-positive entries are exactly
 the zero diagonal, without a device sync; with a single sample (B = 1) both terms are 0.
-Under DDP the relations are built over the all-gathered global batch by default (``relations="global"``,
-spec (f) 8; see sp.py), so torchrun computes the single-GPU loss; ``"local"`` keeps them per rank.
+Under DDP the relations are built over the all-gathered global batch by default (``relations="global"``;
+see sp.py), so torchrun computes the single-GPU loss; ``"local"`` keeps them per rank.
 
 Per-step cost: one teacher forward plus the student's forward and backward; the angle term builds a
 B x B x D difference tensor (8.4 M floats, 32 MiB, for a 2048-d teacher; 2.1 M for a 512-d student,
@@ -91,6 +91,7 @@ def rkd_loss(e_s: Tensor, e_t: Tensor, w_dist: float = 25.0, w_angle: float = 50
 @register_method("rkd")
 class RKD(FeatureKD):
     Config = RKDConfig
+    cost_note = "B^3 D angle term"
     term = "rkd"
 
     def feature_loss(self, feat_s: Features, feat_t: Features) -> Tensor:

@@ -1,4 +1,4 @@
-"""SP: similarity-preserving KD (Tung & Mori, ICCV 2019), spec teacher_kd a.3 (RepDistiller's SP,
+"""SP: similarity-preserving KD (Tung & Mori, ICCV 2019), as RepDistiller's SP (its code says
 "verified by original author").
 
 Flatten the tapped map to Q (B, D), D = C*H*W; G = Q Q^T (B x B); row-normalise G (each row divided by
@@ -12,7 +12,7 @@ and 464x4x4 for ShuffleNetV2 -- whose ``Features.pre_pool`` is instead the 1024-
 (``tap="pre_pool"`` selects that, for every other zoo model it is the same tensor).
 
 Batch: under DDP the relation is built over the GLOBAL batch by default (``relations="global"``: features
-are all-gathered, with gradient to each rank's own rows; spec (f) 8), so a torchrun run computes the
+are all-gathered, with gradient to each rank's own rows), so a torchrun run computes the
 single-GPU loss; ``"local"`` builds it per rank (what DataParallel did in RepDistiller). Without DDP the
 two are identical. A last batch of one sample gives a 1x1 G = [1] on both sides and a zero loss.
 

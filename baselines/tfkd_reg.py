@@ -1,4 +1,5 @@
-"""TF-KD_reg, the teacher-free "virtual teacher" of Yuan et al. (CVPR 2020), spec selfdistill b.4 / P15.
+"""TF-KD_reg, the teacher-free "virtual teacher" of Yuan et al. (CVPR 2020), the TF-KD variant IPS compares
+against ("a manually designed virtual teacher with 100% accuracy").
 
 Default ``form=code`` reproduces the official code (``loss_kd_regularization``), which differs from the
 paper's equation: the virtual teacher is q = 0.99 on the label and 0.01/(C-1) elsewhere, and its
@@ -13,7 +14,7 @@ elementwise mean (divides by B*C) times a per-model multiplier m:
 (i.e. p^d^(1/T), renormalised), and there is no multiplier (m is ignored).
 
 Per-model settings: the official ``params.json`` give ResNet18 T=20, a=0.1, m=100 and ShuffleNetV2 T=10,
-a=0.95, m=1. Not given for the other zoo models; assumed (as the spec recommends): the ResNet18 setting
+a=0.95, m=1. Not given for the other zoo models; assumed: the ResNet18 setting
 for ResNet34/50/101, VGG13/16 and the small CIFAR ResNets, the ShuffleNetV2 setting for ShuffleNetV1.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TF-KD_self (Yuan et al. CVPR 2020), spec selfdistill b.4: distil from a pretrained copy of the student.
+"""TF-KD_self (Yuan et al. CVPR 2020): distil from a pretrained copy of the student.
 
 Stage 1 is an ordinary ``ipsd train method=hard`` run of the same architecture; stage 2 (this method)
 trains a fresh student against that frozen teacher, as the official ``loss_kd_self`` computes it:
@@ -12,7 +12,7 @@ augmented batch, runs in eval mode under no_grad, and lives outside the method's
 Per-model settings (TF-KD ``params.json``): ResNet18 T=6, a=0.95, m=50; ShuffleNetV2 T=20, a=0.95, m=1;
 ResNet50 T=6, a=0.95 with m not given (assumed 50, the ResNet18 value). Every other model is assumed to
 take the ResNet18 setting, except ShuffleNetV1, which takes the ShuffleNetV2 setting (same family and
-LR, as the spec recommends for TF-KD_reg).
+LR, as for TF-KD_reg).
 
 The teacher is the run's ``teacher=`` (a registered name, a run folder or a checkpoint): the engine
 verifies its checksum and test accuracy before training and passes it as ``setup.teacher``; this method

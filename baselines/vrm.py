@@ -1,12 +1,13 @@
-"""VRM: Virtual Relation Matching (Zhang, Xie, Cai, Ma), spec teacher_kd a.6 and (f) 12.
+"""VRM: Virtual Relation Matching (Zhang, Xie, Cai, Ma): the student matches the teacher's relation graphs
+(unit difference vectors between logits) across a real and a virtual view of each batch, with unreliable
+edges pruned.
 
-The official code was not obtainable; everything marked [ASSUME]/[INFER] in the spec is a config key here
-with the spec's default (the ambiguity register (i)-(xi) is listed at the end).
-
-Views: each image has a real view ``batch.x`` (crop+flip) and a virtual view ``batch.view2`` (crop+flip, then
-RandAugment(2, 10) + Cutout on the device: :mod:`ipsd.data.randaugment`). The student runs on both (two
-separate calls, as CRLD, so BatchNorm sees each view alone; ``student_forward="joint"`` concatenates), and
-so does the frozen teacher (eval mode, no grad: ``setup.teacher``). With z / z~ the real / virtual logits:
+The official code was not obtainable: every choice the paper leaves open is a config key, and each key's doc
+says whether its default is assumed or inferred. Each image has a real view ``batch.x`` (crop+flip) and a
+virtual view ``batch.view2`` (crop+flip, then RandAugment + Cutout on the device, :mod:`ipsd.data.randaugment`;
+the ``ra_*`` settings reach the loader through ``Needs.strong_args``). The student runs on both (two separate
+calls, as CRLD, so BatchNorm sees each view alone), and so does the frozen teacher (eval mode, no grad:
+``setup.teacher``). With z / z~ the real / virtual logits, and the defaults:
 
     vertices   s = ZSNorm(A(z_s)), s~ = ZSNorm(A(z~_s)) (student; A = 2-layer MLP C -> C -> C with ReLU,
                trained, a child module of the method); t = ZSNorm(z_t), t~ = ZSNorm(z~_t)
@@ -20,34 +21,16 @@ so does the frozen teacher (eval mode, no grad: ``setup.teacher``). With z / z~ 
     phi        MSE, the mean over the kept edges' entries (|kept| * C for ISV, C^2 * B for ICV)
     L          gamma * (CE(z_s, y) + CE(z~_s, y)) + alpha * phi(E^ISV_S, E^ISV_T) + beta * phi(E^ICV_S, E^ICV_T)
 
-alpha = 128, beta = 32 (Table 5), gamma = 1 (the paper's plain L_ce over both views). Terms are logged as
-``ce``, ``vrm_isv`` (alpha * phi_ISV) and ``vrm_icv`` (beta * phi_ICV); ``kd`` (vanilla T^2 KL on the real
-view) only when ``kd_weight > 0``, which is not part of VRM (default 0). Masking a pruned edge and detaching
-it give the same gradient (spec); only the logged value depends on the choice, here the kept-edge mean.
-The graphs are built in fp32 (autocast off for the adaptor and the loss block).
+alpha = 128, beta = 32 (Table 5), gamma = 1 (the paper's plain L_ce over both views). Gradient reaches only the
+student and its adaptor: the teacher side has none and the pruning entropies use detached student logits. The
+paper calls pruned edges "detached"; masking one and detaching it give the same gradient, so only the logged
+value depends on the choice, here the kept-edge mean. Terms are logged as ``ce``, ``vrm_isv`` (alpha * phi_ISV)
+and ``vrm_icv`` (beta * phi_ICV); ``kd`` (vanilla T^2 KL on the real view) only when ``kd_weight > 0``, which is
+not part of VRM (default 0). The graphs are built in fp32 (autocast off for the adaptor and the loss block).
 
 Under DDP the graphs are built over the GLOBAL batch by default (``relations="global"``: vertices and the
-pruning logits are all-gathered, with gradient to each rank's own rows, spec (f) 8), so a torchrun run
-computes the single-process loss (BatchNorm statistics stay per rank unless ``sync_bn``); ``"local"`` builds
-them per rank.
-
-Ambiguity register (spec (f) 12), key = default:
- (i)    ``joint_entropy="product"``: H(p_i) + H(p~_j); ``"mixture"``: H((p_i + p~_j) / 2)
- (ii)   ``prune_m=90`` (percentile; 100 keeps every edge)
- (iii)  ``distance="mse"`` (mean over kept entries); ``smoothl1`` (beta 1, same mean), ``l1``, ``cosine``
-        (mean over kept edges of 1 - cos(E_S, E_T))
- (iv)   ``icv_vertices="mirror"`` (above); ``"difference"``: vertices v_c = w_c - w~_c and edges
-        normalize(v_c - v_d) (C, C, B, zero when c = d)
- (v)    ``prune_icv=False``; True prunes ICV edges (c, d) by the mirror rule: H(q_c) + H(q~_d) with q_c =
-        softmax over the batch of column c of z_s / T_H (the same class entropies for both ICV readings)
- (vi)   ``adaptor=True`` (hidden width ``adaptor_hidden``, null = C; student only)
- (vii)  ``zsnorm=True`` (teacher and student)
- (viii) ``ra_variant="fixmatch"`` with ``ra_n=2``, ``ra_magnitude=10``, ``ra_cutout=0.5``; ``"torchvision"``
-        = torchvision RandAugment(num_ops=2, magnitude=9), no Cutout (magnitude/cutout null = the variant's
-        default); the settings reach the loader through ``Needs.strong_args``.
- (ix)   ``ce_views="sum"``; ``"mean"`` halves it
- (x)    ``entropy_T=1``
- (xi)   ``edge_eps=1e-8`` (added to the edge norm)
+pruning logits are all-gathered, with gradient to each rank's own rows), so a torchrun run computes the
+single-process loss (BatchNorm statistics stay per rank unless ``sync_bn``); ``"local"`` builds them per rank.
 
 Per-step cost: about 2x KD in backbone compute (two views through both models); the graphs hold B^2 C + C^2 B
 entries per model (0.41 M + 0.64 M at B = 64, C = 100), negligible; RandAugment runs batched on the device.
@@ -82,38 +65,39 @@ LOADER_DEFAULTS = {"n": 2, "magnitude": 10, "cutout": 0.5, "variant": "fixmatch"
 class VRMConfig:
     gamma: float = param(1.0, lo=0, doc="CE weight (the paper's plain L_ce)")
     ce_views: str = param("sum", choices=("sum", "mean"),
-                          doc="(ix) [ASSUME] CE of the real and virtual views summed (as CRLD) or averaged")
+                          doc="assumed: CE of the real and virtual views summed (as CRLD); mean halves it")
     alpha: float = param(128.0, lo=0, doc="ISV weight (Table 5: 32..512, best 128)")
     beta: float = param(32.0, lo=0, doc="ICV weight (Table 5: 8..128; 32 chosen 'in favour of generalisation')")
     kd_weight: float = param(0.0, lo=0, doc="optional vanilla KD on the real view; not part of VRM (0 = off)")
     T: float = param(4.0, lo=0, lo_open=True, doc="KD temperature, used only when kd_weight > 0")
-    adaptor: bool = param(True, doc="(vi) [ASSUME] student logits pass a trained 2-layer MLP (ReLU) before the graphs")
-    adaptor_hidden: int | None = param(None, lo=1, doc="(vi) hidden width of the adaptor; null = C (classes)")
-    zsnorm: bool = param(True, doc="(vii) [ASSUME] ZSNorm (z - mean)/(std + 1e-7) on teacher and student vertices")
-    edge_eps: float = param(1e-8, lo=0, doc="(xi) [ASSUME] added to every edge's norm")
+    adaptor: bool = param(True, doc="assumed: student logits pass a trained 2-layer MLP (ReLU) before the graphs")
+    adaptor_hidden: int | None = param(None, lo=1, doc="hidden width of the adaptor; null = C (classes)")
+    zsnorm: bool = param(True, doc="assumed: ZSNorm (z - mean)/(std + 1e-7) on teacher and student vertices")
+    edge_eps: float = param(1e-8, lo=0, doc="assumed: added to every edge's norm")
     distance: str = param("mse", choices=("mse", "smoothl1", "l1", "cosine"),
-                          doc="(iii) [ASSUME] phi; mse/smoothl1/l1: mean over kept entries; cosine: mean over "
+                          doc="assumed: phi; mse/smoothl1 (beta 1)/l1: mean over kept entries; cosine: mean over "
                               "kept edges of 1 - cos")
-    prune_m: float = param(90.0, lo=0, hi=100, doc="(ii) [ASSUME] keep ISV edges with joint entropy <= this "
+    prune_m: float = param(90.0, lo=0, hi=100, doc="assumed: keep ISV edges with joint entropy <= this "
                                                    "percentile (100 = no pruning)")
-    prune_icv: bool = param(False, doc="(v) [ASSUME] also prune ICV edges (mirror rule over the batch)")
+    prune_icv: bool = param(False, doc="assumed off: prune ICV edges (c, d) by H(q_c) + H(q~_d), q_c = softmax "
+                                   "over the batch of logit column c / entropy_T (either ICV reading)")
     joint_entropy: str = param("product", choices=("product", "mixture"),
-                               doc="(i) [ASSUME] product: H(p_i) + H(p~_j); mixture: H((p_i + p~_j)/2)")
-    entropy_T: float = param(1.0, lo=0, lo_open=True, doc="(x) [ASSUME] softmax temperature of the pruning entropy")
+                               doc="assumed: product: H(p_i) + H(p~_j); mixture: H((p_i + p~_j)/2)")
+    entropy_T: float = param(1.0, lo=0, lo_open=True, doc="assumed: softmax temperature of the pruning entropy")
     icv_vertices: str = param("mirror", choices=("mirror", "difference"),
-                              doc="(iv) [INFER] ICV: mirror of ISV over logit columns, or edges between "
-                                  "v_c = w_c - w~_c")
+                              doc="inferred: ICV mirrors ISV over logit columns; or edges normalize(v_c - v_d) "
+                                  "between v_c = w_c - w~_c (zero at c = d)")
     student_forward: str = param("separate", choices=("separate", "joint"),
                                  doc="two student calls (BN per view, as CRLD) or one on the concatenation")
     relations: str = param("global", choices=("global", "local"),
                            doc="under DDP: graphs over the all-gathered global batch, or per rank")
     ra_variant: str = param("fixmatch", choices=("fixmatch", "torchvision"),
-                            doc="(viii) [INFER] virtual-view RandAugment: FixMatch/CRLD RandAugment(2,10)+Cutout, "
+                            doc="inferred: virtual-view RandAugment: FixMatch/CRLD RandAugment(2,10)+Cutout, "
                                 "or torchvision RandAugment(2, 9) without Cutout")
-    ra_n: int = param(2, lo=0, doc="(viii) RandAugment ops per image (Table 5: n = 2 best)")
-    ra_magnitude: int | None = param(None, lo=0, doc="(viii) magnitude; null = 10 (fixmatch, max 10) / 9 "
+    ra_n: int = param(2, lo=0, doc="RandAugment ops per image (Table 5: n = 2 best)")
+    ra_magnitude: int | None = param(None, lo=0, doc="magnitude; null = 10 (fixmatch, max 10) / 9 "
                                                      "(torchvision, max 30)")
-    ra_cutout: float | None = param(None, lo=0, hi=1, doc="(viii) max Cutout side / image side; null = 0.5 "
+    ra_cutout: float | None = param(None, lo=0, hi=1, doc="max Cutout side / image side; null = 0.5 "
                                                          "(fixmatch) / 0 (torchvision)")
 
 
@@ -184,9 +168,16 @@ class VRM(Method):
     Config = VRMConfig
     needs_teacher = True
 
+    @classmethod
+    def needs_for(cls, cfg: VRMConfig) -> Needs:
+        return Needs(views=2, strong_view2=True, **cls._strong_args(cfg))
+
+    @classmethod
+    def train_views(cls, cfg: VRMConfig) -> int:
+        return 2
+
     def __init__(self, cfg: VRMConfig, setup: Setup):
         super().__init__(cfg, setup)
-        self.needs = Needs(views=2, strong_view2=True, **self._strong_args(cfg))
         c = setup.num_classes
         self.adaptor = None
         if cfg.adaptor and (cfg.alpha > 0 or cfg.beta > 0):

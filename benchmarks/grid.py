@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from ipsd.config import ConfigError, RunConfig, apply_overrides, build, load_yaml
-from ipsd.engine import Resolved, resolve
 from ipsd.registry import closest
+from ipsd.resolve import Resolved, load_methods, resolve
 from ipsd.rng import derive_seed
+from ipsd.runs import RunFolder
 
+# Cell keys that describe the table, not the run: `paper_key` (the paper CSV's label), `teacher_run` (a column's
+# teacher recipe), `control` (a row the paper lacks, shown as a control with paper value "–").
+ROW_ONLY_KEYS = ("paper_key", "teacher_run", "control")
 TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric"}
 PROFILE_KEYS = {"seeds", "base", "rows", "columns", "skip"}
 
@@ -29,6 +33,7 @@ class PaperRef:
     column: str | list[str] = "model"
     mean: str = "top1_mean"
     std: str | None = "top1_std"
+    train_mean: str | None = None  # the CSV column of the paper's train accuracy (metric "train"), if it has one
 
 
 @dataclass
@@ -60,8 +65,12 @@ class PlannedRun:
         return self.resolved.run_id
 
     @property
+    def run(self) -> RunFolder:
+        return self.resolved.folder
+
+    @property
     def folder(self) -> Path:
-        return Path(self.cfg.out) / self.run_id
+        return self.run.path
 
 
 def _select(full: dict[str, dict], given: Any, what: str) -> dict[str, dict]:
@@ -121,7 +130,7 @@ def replicate_seed(identity: dict[str, Any], replicate: int) -> int:
 def cell_config(table: Table, row: str, column: str) -> dict[str, Any]:
     """RunConfig values of a cell: base < column < row (a row's method_args merge with the column's)."""
     spec = _merge(_merge(table.base, table.columns[column]), table.rows[row])
-    for key in ("paper_key", "teacher_run"):
+    for key in ROW_ONLY_KEYS:
         spec.pop(key, None)
     return spec
 
@@ -143,8 +152,6 @@ def teacher_run(table: Table, column: str) -> PlannedRun | None:
 
 def expand(table: Table) -> list[PlannedRun]:
     """Every run of the table, in row-major order, with derived seeds (teachers excluded: see teachers())."""
-    from ipsd.method import load_methods
-
     planned = []
     for row in table.rows:
         for column in table.columns:

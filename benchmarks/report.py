@@ -17,7 +17,6 @@ Usage: ``python -m benchmarks.report benchmarks/table3.yaml --profile smoke [--f
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +34,8 @@ DASH = "–"
 REFERENCE_ROW = "Hard Label"
 
 RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
-               "top5_best", "best_epoch", "images_per_step", "wall_seconds", "world_size", "device_hours", "device",
-               "folder"]
+               "top5_best", "best_epoch", "train_top1", "images_per_step", "wall_seconds", "world_size", "device_hours",
+               "device", "folder"]
 SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "paper_mean",
                    "paper_std", "delta", "images_per_step", "device_hours", "devices"]
 
@@ -53,39 +52,6 @@ def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- collect
-def _read_record(run: PlannedRun) -> dict[str, Any] | None:
-    """A planned run's record, or None if it has not finished; a record that is not this run's is an error."""
-    path = run.folder / "result.json"
-    if not path.is_file():
-        return None
-    try:
-        rec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable run record ({e}); delete it to re-run this run") from None
-    if rec.get("run_id", run.run_id) != run.run_id:
-        raise ValueError(f"{path}: record says run_id {rec['run_id']!r} but the folder is run {run.run_id!r}; "
-                         "the folder was copied or renamed, remove it")
-    return rec
-
-
-def _num(d: dict[str, Any], *keys: str) -> float:
-    """Nested numeric field, NaN when any level is missing (older or partial records)."""
-    cur: Any = d
-    for k in keys:
-        if not isinstance(cur, dict) or cur.get(k) is None:
-            return math.nan
-        cur = cur[k]
-    return float(cur)
-
-
-def _device_name(rec: dict[str, Any]) -> str:
-    """The accelerator model when there is one (``NVIDIA H100 ...``), else the device type (``cpu``)."""
-    hw = rec.get("hardware") or {}
-    if hw.get("gpu"):
-        return str(hw["gpu"])
-    return str(hw.get("device", "unknown")).split(":")[0]
-
-
 def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFrame:
     """One row per planned run of ``table`` (row-major, YAML order), finished or not.
 
@@ -104,20 +70,19 @@ def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFra
                                  "its seeds would be counted twice")
         ids.add(p.run_id)
     rows = []
+    nan = math.nan
     for p in planned:
-        rec = _read_record(p)
-        r = rec or {}
-        world = _num(r, "hardware", "world_size")
-        world = 1.0 if rec is not None and math.isnan(world) else world
-        wall = _num(r, "wall_seconds")
+        rec = p.run.read_result()
         rows.append({
             "row": p.row, "column": p.column, "replicate": p.replicate, "seed": p.cfg.seed, "run_id": p.run_id,
             "done": rec is not None,
-            "top1_last": _num(r, "final", "top1"), "top5_last": _num(r, "final", "top5"),
-            "top1_best": _num(r, "best", "top1"), "top5_best": _num(r, "best", "top5"),
-            "best_epoch": _num(r, "best", "epoch"), "images_per_step": _num(r, "images_per_step"),
-            "wall_seconds": wall, "world_size": world, "device_hours": wall * world / 3600,
-            "device": _device_name(r) if rec is not None else None, "folder": str(p.folder),
+            **({"top1_last": rec.top1("last"), "top5_last": rec.top5("last"), "top1_best": rec.top1("best"),
+                "top5_best": rec.top5("best"), "best_epoch": rec.best_epoch, "train_top1": rec.train_top1,
+                "images_per_step": rec.images_per_step, "wall_seconds": rec.wall_seconds,
+                "world_size": rec.world_size, "device_hours": rec.device_hours, "device": rec.device_name}
+               if rec is not None else
+               {k: nan for k in RUN_COLUMNS[6:-2]} | {"device": None}),
+            "folder": str(p.folder),
         })
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"done": bool})
 

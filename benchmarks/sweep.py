@@ -27,9 +27,15 @@ import yaml
 from tqdm import tqdm
 
 from ipsd.config import ConfigError, RunConfig, to_dict
+from ipsd.errors import IpsdError
 from ipsd.registry import Registry
+from ipsd.resolve import is_file_dataset
 
 from .grid import PlannedRun, Table, expand, load_table, teachers
+
+class SweepError(IpsdError):
+    """Some runs of a sweep failed; the message lists each run's folder and reason."""
+
 
 LAUNCHERS: Registry[Callable[..., None]] = Registry("launcher")
 # (train images, classes) of the standard splits, for the estimate only
@@ -54,9 +60,9 @@ def train_args(cfg: RunConfig) -> list[str]:
 
 
 def status(run: PlannedRun) -> str:
-    if (run.folder / "result.json").exists():
-        return "done"
-    return "partial" if (run.folder / "checkpoint.pt").exists() else "todo"
+    """done | partial | todo (the run folder's own status, ``missing`` shown as the plan's ``todo``)."""
+    state = run.run.status()
+    return "todo" if state == "missing" else state
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,27 +78,13 @@ def forward_flops(model: str, image_size: int = 32) -> float:
     return float(counter.get_total_flops())
 
 
-def images_per_anchor(run: PlannedRun) -> int:
-    """Images forwarded per anchor (2 for pairs or two views), from the method's declared needs."""
-    from ipsd.method import Setup
-
-    try:
-        setup = Setup(run.cfg.model, 100, 32, 50000, run.cfg.epochs, run.cfg.batch_size, "resnet", (64, 128, 256, 512),
-                      512)
-        return run.resolved.method_cls(run.resolved.method_cfg, setup).needs.images_per_anchor
-    except Exception:  # noqa: BLE001 -- an estimate only; a method that cannot be built here counts as 1x
-        return 1
-
-
 def gpu_hours(run: PlannedRun, tflops: float) -> float:
     """Training compute / an assumed sustained rate: 3x forward FLOPs per image (forward + backward)."""
     n, classes = KNOWN_TRAIN_SIZES.get(run.cfg.dataset, (50000, 100))
     if run.cfg.per_class:
         n = min(n, run.cfg.per_class * len(run.cfg.classes or range(classes)))
-    from ipsd.engine import is_file_dataset
-
     size = run.cfg.image_size if is_file_dataset(run.cfg.dataset) else 32  # on-disk data trains at image_size
-    flops = 3 * forward_flops(run.cfg.model, size) * n * run.cfg.epochs * images_per_anchor(run)
+    flops = 3 * forward_flops(run.cfg.model, size) * n * run.cfg.epochs * run.resolved.needs.images_per_anchor
     return flops / (tflops * 1e12) / 3600
 
 
@@ -127,7 +119,7 @@ def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Ca
             print(f"start {run.row} / {run.column} seed {run.cfg.seed} -> {run.folder}", flush=True)
             proc = subprocess.run(make_cmd(run), env={**os.environ, **slot}, capture_output=True, text=True)
             if proc.returncode:
-                failures.append(f"{run.row} / {run.column} seed {run.cfg.seed}: {proc.stderr.strip()[-500:]}")
+                failures.append(_failure(run, _last_error(proc.stderr)))
             else:
                 print(f"done  {run.row} / {run.column} seed {run.cfg.seed}", flush=True)
 
@@ -136,9 +128,21 @@ def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Ca
     _raise_failures(failures)
 
 
+def _failure(run: PlannedRun, reason: str) -> str:
+    return f"  {run.row} / {run.column} seed {run.cfg.seed} in {run.folder}: {reason}"
+
+
+def _last_error(stderr: str) -> str:
+    """The ``ipsd: error:`` line of a failed child, else the last line it printed."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line.removeprefix("ipsd: error: ") for line in lines if line.startswith("ipsd: error:")]
+    return (errors or lines or ["(no output)"])[-1][-500:]
+
+
 def _raise_failures(failures: list[str]) -> None:
     if failures:
-        raise RuntimeError(f"{len(failures)} run(s) failed (re-run the sweep to retry them):\n" + "\n".join(failures))
+        raise SweepError(f"{len(failures)} run(s) failed; fix each reason below, then re-run the sweep (finished runs "
+                         "are kept and skipped):\n" + "\n".join(failures))
 
 
 @LAUNCHERS.register("local")
@@ -151,11 +155,12 @@ def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
             try:
                 train(dataclasses.replace(run.cfg, progress=False))
             except Exception as e:  # noqa: BLE001 -- report every failed run, keep going with the others
-                failures.append(f"{run.row} / {run.column} seed {run.cfg.seed}: {e}")
+                failures.append(_failure(run, f"{type(e).__name__}: {e}" if not isinstance(e, IpsdError) else str(e)))
         _raise_failures(failures)
         return
-    threads = max(1, (os.cpu_count() or 1) // opts.jobs)
-    _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * opts.jobs, lambda r: _command(r.cfg))
+    threads = max(1, (os.cpu_count() or 1) // opts.jobs)  # the cores shared out; recorded in each run's record
+    _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * opts.jobs,
+               lambda r: _command(r.cfg if r.cfg.threads else dataclasses.replace(r.cfg, threads=threads)))
 
 
 @LAUNCHERS.register("gpus")
@@ -225,7 +230,9 @@ def sweep(path: str, profile: str = "full", launcher: str = "local", overrides: 
         todo = print_plan(table, needed, tflops, "teachers")
         if todo and not dry_run:
             launch(todo, opts or LaunchOptions())
-    todo = print_plan(table, runs, tflops)
+    # replicate-major: every cell's first seed lands before any cell's second, so a sweep cut short leaves
+    # comparable cells (a stable sort keeps the table's row order within a replicate)
+    todo = sorted(print_plan(table, runs, tflops), key=lambda r: r.replicate)
     if todo and not dry_run:
         launch(todo, opts or LaunchOptions())
     return runs

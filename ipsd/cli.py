@@ -1,10 +1,14 @@
-"""Command line: ``ipsd train | demo | bench | sweep | report | teacher | data | list``."""
+"""Command line: ``ipsd train | demo | bench | sweep | report | teacher | data | list``.
+
+Each command imports what it needs when it runs, so commands that only read records or configs
+(``teacher list``) start without loading torch.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .config import ConfigError
+from .errors import ConfigError, IpsdError
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -28,11 +32,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> None:
     if args.file_loaders:
-        from .bench_loaders import bench_file_loaders
+        from benchmarks.bench_loaders import bench_file_loaders
 
         bench_file_loaders(args.images, args.workers, json_path=args.json)
         return
-    from .bench import run_bench
+    from benchmarks.bench import run_bench
 
     run_bench(args.json, args.device, args.quick, args.data, args.model)
 
@@ -54,7 +58,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _teacher(args: argparse.Namespace) -> None:
-    from .teacher import REGISTRY, read_registry, register
+    from .teacher_registry import REGISTRY, read_registry, register
 
     if args.action == "register":
         if not (args.name and args.run):
@@ -94,8 +98,8 @@ def _data(args: argparse.Namespace) -> None:
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.folders import FILE_DATASETS
-    from .method import load_methods
     from .models import MODELS
+    from .resolve import load_methods
 
     print("methods: ", ", ".join(load_methods().names()))
     print("models:  ", ", ".join(MODELS.names()))
@@ -178,14 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides.append(item)
         else:
             parser.error(f"unrecognized argument {item!r}")
-    from .data import DataError
-    from .engine import NonFiniteLoss
-
     try:
         args.func(args)
-    except (ConfigError, DataError, NonFiniteLoss) as e:
+    except IpsdError as e:
         print(f"ipsd: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return e.exit_code
     return 0
 
 

@@ -14,11 +14,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401 -- the config layer's error, imported from here by most modules
 from .registry import closest
-
-
-class ConfigError(ValueError):
-    """A config the user wrote is invalid; the message names the key and the fix."""
 
 
 def param(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -116,7 +113,9 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
 OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher",
-                    "workers", "ffcv_dir")
+                    "workers", "ffcv_dir", "eval_batch_size", "threads")
+# Keys that only on-disk datasets use: left out of the identity of an in-memory run, where they change nothing.
+ON_DISK_KEYS = ("image_size",)
 
 
 @dataclass
@@ -155,7 +154,7 @@ class RunConfig:
     compile_backend: str = param("inductor", choices=("inductor", "aot_eager", "eager"),
                                  doc="torch.compile backend (aot_eager: tracing without code generation)")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
-    eval_batch_size: int = param(1000, lo=1)
+    eval_batch_size: int = param(1000, lo=1, doc="test-time batch size (operational: it does not change the result)")
     loader: str | None = param(None, choices=("memory", "folder", "ffcv"),
                                doc="memory: held on the device (CIFAR, digits); folder: torchvision decoding per batch; "
                                    "ffcv: .beton copies written by `ipsd data to-ffcv`; null = memory for in-memory "
@@ -174,6 +173,8 @@ class RunConfig:
     stop_after: int | None = param(None, lo=1, doc="stop cleanly after this many epochs of this invocation")
     progress: bool = param(True, doc="progress bars")
     deterministic: bool = param(False, doc="cuDNN deterministic kernels (slower)")
+    threads: int | None = param(None, lo=1, doc="CPU runs: torch threads (null = torch's default, one per core); "
+                                                 "recorded, and a resume under a different count is refused")
     workers: int = param(8, lo=0, doc="image-decoding workers of on-disk datasets: processes for loader=folder (0 = in "
                                       "the training process; augmentation does not depend on it), threads for "
                                       "loader=ffcv (at least 1); unused by in-memory datasets")
@@ -190,9 +191,10 @@ class RunConfig:
                               f"{self.schedule_ref_epochs}-epoch schedule does; allowed [0, {self.schedule_ref_epochs - 1}]")
 
     def identity(self) -> dict[str, Any]:
-        """What the run computes: every key except the operational ones."""
+        """What the run computes: every key except the operational ones (and, for a run resolved to the in-memory
+        loader, the on-disk-only keys)."""
         d = to_dict(self)
-        for k in OPERATIONAL_KEYS:
+        for k in OPERATIONAL_KEYS + (ON_DISK_KEYS if self.loader == "memory" else ()):
             d.pop(k)
         return d
 

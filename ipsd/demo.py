@@ -5,7 +5,6 @@ Uses CIFAR-10 from ``--data`` / $IPSD_DATA when present; otherwise scikit-learn'
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from .config import load_run_config
+from .runs import RunFolder
 
 # Small enough for a 2-core CPU in minutes, big enough that IPS's regulariser shows.
 CIFAR_DEMO = ["dataset=cifar10", "model=resnet8", "per_class=200", "test_per_class=200", "epochs=15"]
@@ -40,13 +40,15 @@ def run_demo(data: str | None, out: str, overrides: list[str]) -> None:
               f"upscaled x3 and zero-padded to 32x32). Pass DATA=DIR to use CIFAR-10.", file=sys.stderr)
     rows = []
     for method in ("hard", "ips"):
-        folder = train(load_run_config(None, [*base, f"method={method}", f"out={out}", *overrides]))
-        result_file = folder / "result.json"
-        if not result_file.exists():  # stopped early (stop_after)
-            print(f"{method}: unfinished run in {folder}", file=sys.stderr)
+        cfg = load_run_config(None, [*base, f"method={method}", f"out={out}", *overrides])
+        print(f"demo: training {method} ({cfg.model} on {cfg.dataset}, seed {cfg.seed}, {cfg.epochs} epochs)",
+              file=sys.stderr)
+        folder = RunFolder(train(cfg))
+        r = folder.read_result()
+        if r is None:  # stopped early (stop_after)
+            print(f"{method}: unfinished run in {folder.path}", file=sys.stderr)
             continue
-        r = json.loads(result_file.read_text())
-        rows.append([method, f"{r['final']['top1']:.2f}", f"{r['best']['top1']:.2f}", r["images_per_step"],
-                     f"{r['wall_seconds']:.0f}", str(folder)])
+        rows.append([method, f"{r.top1('last'):.2f}", f"{r.top1('best'):.2f}", f"{r.images_per_step:g}",
+                     f"{r.wall_seconds:.0f}", str(folder.path)])
     print(tabulate(rows, headers=["method", "top1 last", "top1 best (test-selected)", "images/step",
                                   "wall s", "run folder"]))

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -29,9 +32,12 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref == "cuda":
         pref = f"cuda:{local_rank}"
+    if not re.fullmatch(r"cpu|cuda:\d+", pref):
+        raise ConfigError(f"device={pref!r} is not a device; use auto, cpu, cuda or cuda:N")
     device = torch.device(pref)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={pref!r} was asked for but CUDA is not available; use device=cpu")
+        raise ConfigError(f"device={pref!r} was asked for but CUDA is not available on this machine; use device=cpu "
+                          "(or device=auto)")
     return device
 
 
@@ -115,10 +121,10 @@ class _ContiguousGrad(torch.autograd.Function):
 def gather_rows(t: torch.Tensor) -> torch.Tensor:
     """Every rank's rows concatenated along dim 0, with gradient to each rank's own rows.
 
-    For relational losses over the global batch (spec teacher_kd (f) 8): the autograd all-gather's backward
-    sums the gradients all ranks computed for this rank's rows; every rank evaluates the same global loss,
-    so that is world * dL/d(own rows), and DDP's averaging yields exactly the single-process gradient.
-    Shard sizes are equal (the loader's contract). Identity without a process group.
+    For relational losses over the global batch, so DDP builds the relations a single GPU would: the autograd
+    all-gather's backward sums the gradients all ranks computed for this rank's rows; every rank evaluates the
+    same global loss, so that is world * dL/d(own rows), and DDP's averaging yields exactly the single-process
+    gradient. Shard sizes are equal (the loader's contract). Identity without a process group.
     """
     if not active() or dist.get_world_size() == 1:
         return t

@@ -1,12 +1,12 @@
 """The training engine: one loop for every method, model and scale (CPU smoke to multi-node DDP).
 
-``train(cfg)`` resolves the config, creates (or resumes) the run folder named by the hash of the
-run's identity, trains with SGD or AdamW under a per-epoch LR schedule (``schedules.lr_at``),
-evaluates every epoch, checkpoints atomically every epoch and writes ``result.json`` on completion.
+``train(cfg)`` resolves the config (``ipsd.resolve``), checks what the environment must provide, creates
+(or resumes) the run folder named by the hash of the run's identity (``ipsd.runs``), trains with SGD or
+AdamW under a per-epoch LR schedule (``schedules.lr_at``), evaluates every epoch, checkpoints atomically
+every epoch and writes ``result.json`` on completion.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import sys
 import time
@@ -20,85 +20,38 @@ from tqdm import tqdm
 
 from . import dist, runs
 from .config import ConfigError, RunConfig, to_dict
-from .data import DATASETS, DataError, load_dataset, resolve_root, subset
+from .data import DataError, load_dataset, resolve_root, subset
 from .data.beton import BetonDataset, default_folder, load_betons, require_ffcv
 from .data.datasets import subset_items
 from .data.folder_loader import FolderLoader
 from .data.folders import FILE_DATASETS
 from .data.loader import DeviceLoader, LoaderBase
+from .errors import NonFiniteLoss
 from .losses import accuracy_counts
-from .method import METHODS, Method, Setup, Step, load_methods
-from .models import MODELS, build_model
+from .method import Method, Setup, Step
+from .models import build_model
+from .resolve import Resolved, is_file_dataset, resolve
 from .rng import derive_seed, generator
+from .runs import RunFolder
 from .schedules import lr_at
-from .teacher import load_run_teacher, teacher_identity, verify_teacher
+from .teacher import load_run_teacher, verify_teacher
+
+__all__ = ["NonFiniteLoss", "Resolved", "Task", "evaluate", "resolve", "train", "wrap_ddp"]
 
 CHECK_EVERY = 50  # steps between non-finite-loss checks (each check synchronises the device)
+# Per-epoch log fields that measure the machine, not the run: in log.jsonl, left out of the record's curve (which
+# holds every computed value, loss terms, accuracies and the method's logged scalars such as IPS's p_r).
+TIMING_KEYS = ("train_seconds", "images", "images_per_second", "warmup")
 
 
-class NonFiniteLoss(RuntimeError):
-    """Training diverged; the run folder keeps the last good checkpoint."""
-
-
-@dataclasses.dataclass
-class Resolved:
-    """A config with every default filled in, plus the classes it names."""
-
-    cfg: RunConfig
-    method_cls: type[Method]
-    method_cfg: Any
-
-    @property
-    def run_id(self) -> str:
-        return runs.run_hash(self.cfg.identity())
-
-
-def _lookup(registry, name: str, key: str):
-    try:
-        return registry.get(name)
-    except KeyError as e:
-        raise ConfigError(f"{key}: {e.args[0]}") from None
-
-
-def resolve(cfg: RunConfig) -> Resolved:
-    """Fill model-dependent defaults (LR, the method's per-model hyper-parameters) and validate names."""
-    load_methods()
-    method_cls = _lookup(METHODS, cfg.method, "method")
-    spec = _lookup(MODELS, cfg.model, "model")
-    if cfg.dataset not in FILE_DATASETS:
-        try:
-            DATASETS.get(cfg.dataset)
-        except KeyError as e:
-            raise ConfigError(f"dataset: {e.args[0]}; on-disk datasets: {', '.join(FILE_DATASETS.names())}") from None
-    loader = _resolve_loader(cfg)
-    method_cfg = method_cls.resolve_config(spec.name, cfg.method_args)
-    if method_cls.needs_teacher and not cfg.teacher:
-        raise ConfigError(f"method {method_cls.name!r} needs a teacher: pass teacher=<name in results/teachers.yaml "
-                          f"| run folder of a finished `ipsd train method=hard ...` | its checkpoint.pt>")
-    if cfg.teacher and not method_cls.needs_teacher:
-        raise ConfigError(f"method {method_cls.name!r} takes no teacher; remove teacher={cfg.teacher!r}")
-    teacher_id = teacher_identity(cfg.teacher) if cfg.teacher else None
-    cfg = dataclasses.replace(cfg, method=method_cls.name, model=spec.name, dataset=cfg.dataset.lower(),
-                              lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg),
-                              teacher_id=teacher_id, loader=loader)
-    return Resolved(cfg, method_cls, method_cfg)
-
-
-def _resolve_loader(cfg: RunConfig) -> str:
-    """The loader a run uses: memory for in-memory datasets, folder or ffcv for on-disk ones (never a silent
-    fallback: asking for ffcv without FFCV installed is an error with the install hint)."""
-    on_disk = is_file_dataset(cfg.dataset.lower())
-    loader = cfg.loader or ("folder" if on_disk else "memory")
-    if on_disk == (loader == "memory"):
-        kinds = "folder | ffcv" if on_disk else "memory"
-        raise ConfigError(f"loader={loader} does not fit dataset={cfg.dataset}, which is "
-                          f"{'read from disk' if on_disk else 'held in memory'}; use loader={kinds} (or leave it unset)")
-    if loader == "ffcv":
+def check_environment(cfg: RunConfig) -> None:
+    """What training needs from this machine beyond the config: FFCV for loader=ffcv (the device and the
+    data are checked when they are opened, with their own messages)."""
+    if cfg.loader == "ffcv":
         try:
             require_ffcv()
         except DataError as e:
             raise ConfigError(f"loader=ffcv: {e}") from None
-    return loader
 
 
 def _log(msg: str) -> None:
@@ -154,11 +107,6 @@ def _dataset(name: str, root: str | None, download: bool):
     return load_dataset(name, root, download)
 
 
-def is_file_dataset(name: str) -> bool:
-    """Read from disk per batch (folder or ffcv loader) rather than held in memory (DeviceLoader)."""
-    return name in FILE_DATASETS
-
-
 @functools.lru_cache(maxsize=2)
 def _betons(folder: str, dataset: str) -> BetonDataset:
     return load_betons(folder, dataset)
@@ -185,6 +133,10 @@ def load_data(cfg: RunConfig):
             data = pick(data, cfg.per_class, cfg.classes, cfg.test_per_class)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    present = int(data.train_y.unique().numel())
+    if present < 2:
+        raise ConfigError(f"the training set holds {present} class(es) (dataset={cfg.dataset}, classes={cfg.classes}); "
+                          "a classifier needs at least 2: widen classes=")
     if cfg.batch_size > len(data.train_y):
         raise ConfigError(f"batch_size={cfg.batch_size} is out of range: the training set has "
                           f"{len(data.train_y)} images; allowed [1, {len(data.train_y)}]")
@@ -197,19 +149,19 @@ def make_loader(cfg: RunConfig, data, device: torch.device, needs, info: dist.Di
     if cfg.loader == "memory":
         return DeviceLoader(*args)
     if cfg.loader == "ffcv":
-        from .data.ffcv_loader import FfcvLoader  # noqa: I001 -- imports FFCV, checked present by resolve()
+        from .data.ffcv_loader import FfcvLoader  # imports FFCV: checked by check_environment
 
         return FfcvLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
     return FolderLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: LoaderBase, batch_size: int, autocast) -> tuple[float, float]:
-    """Top-1/top-5 (%) on the full test set, shards summed across ranks."""
+def evaluate(model: nn.Module, batches, autocast) -> tuple[float, float]:
+    """Top-1/top-5 (%) over ``(x, y)`` batches (this rank's share), shards summed across ranks."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, device=loader.device)
-    for x, y in loader.test_batches(batch_size):
+    counts = torch.zeros(3, device=next(model.parameters()).device)
+    for x, y in batches:
         with autocast():
             logits = model(x)
         counts[:2] += accuracy_counts(logits.float(), y)
@@ -231,8 +183,57 @@ def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
     return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn}
 
 
+def execution(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """What, besides the identity, decides a run's numbers bit for bit: the device type and, on CPU, the torch
+    thread count (reductions split differently across threads). Recorded; a resume under other values is refused."""
+    facts: dict[str, Any] = {"device_type": device.type, "deterministic": cfg.deterministic}
+    if device.type == "cpu":
+        facts["torch_threads"] = torch.get_num_threads()
+    return facts
+
+
+class ViewAccuracy:
+    """Running top-1 on the inputs as trained. A forward hook on the model reads the rows of each training call
+    in B-row blocks; block k of a step (k < the method's ``train_views``) is view k+1 of the batch, judged
+    against the batch's labels. Counts stay on the device: no synchronisation per step."""
+
+    def __init__(self, model: nn.Module, views: int, device: torch.device):
+        self.views, self.y, self.block = views, None, 0
+        self.correct = torch.zeros(max(views, 1), device=device)
+        self.anchors = 0
+        self.handle = model.register_forward_hook(self._hook) if views else None
+
+    def step(self, y: torch.Tensor | None) -> None:
+        """Judge the next calls against labels ``y`` (None: stop judging)."""
+        self.y, self.block = y, 0
+        if y is not None:
+            self.anchors += len(y)
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self.y is None or not module.training:
+            return
+        logits = (output[0] if isinstance(output, tuple) else output).detach()
+        b = len(self.y)
+        if len(logits) % b:
+            return
+        for j in range(len(logits) // b):
+            if self.block < self.views:
+                self.correct[self.block] += (logits[j * b:(j + 1) * b].argmax(1) == self.y).sum()
+            self.block += 1
+
+    def epoch_values(self) -> dict[str, float]:
+        """``train_top1_view<k>`` (%) over this epoch on all ranks; resets the counts."""
+        if not self.views or not self.anchors:
+            return {}
+        counts = dist.all_reduce_sum(torch.cat([self.correct, self.correct.new_tensor([self.anchors])]))
+        *correct, n = counts.tolist()
+        self.correct.zero_()
+        self.anchors = 0
+        return {f"train_top1_view{k + 1}": 100 * c / n for k, c in enumerate(correct)}
+
+
 def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: LoaderBase, step: Step, autocast,
-                 progress: bool, kept: str) -> tuple[dict[str, torch.Tensor], int]:
+                 progress: bool, kept: str, views: ViewAccuracy) -> tuple[dict[str, torch.Tensor], int]:
     """One pass over this rank's batches: summed loss terms and the number of anchors seen.
 
     Non-finite losses are counted on the device and checked every CHECK_EVERY steps (on all ranks together),
@@ -244,8 +245,10 @@ def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: Load
     bar = tqdm(loader.epoch(step.epoch), total=len(loader), desc=f"epoch {step.epoch}/{step.epochs}", leave=False,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for i, batch in enumerate(bar, 1):
+        views.step(batch.y)
         with autocast():
             losses = task(batch, step)
+        views.step(None)
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -269,16 +272,28 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
                            weight_decay=cfg.weight_decay)
 
 
-def _check_same_run_folder(folder: Path, info: dist.DistInfo, device: torch.device) -> None:
+def _check_same_run_folder(run: RunFolder, info: dist.DistInfo, device: torch.device) -> None:
     """Every rank must see the same run folder (multi-node: ``out`` on a filesystem all nodes share), or
     ranks would disagree on whether to resume, and from what."""
     if not info.enabled:
         return
-    seen = torch.tensor([[(folder / f).exists() for f in ("result.json", "checkpoint.pt")]], device=device).long()
+    seen = torch.tensor([[p.exists() for p in (run.result_path, run.checkpoint_path)]], device=device).long()
     every = dist.all_gather_cat(seen)
     if not (every == every[0]).all():
-        raise ConfigError(f"the ranks do not see the same run folder {folder} (result.json/checkpoint.pt present on "
-                          f"some ranks only): out={folder.parent} must be on a filesystem shared by every node")
+        raise ConfigError(f"the ranks do not see the same run folder {run.path} (result.json/checkpoint.pt present "
+                          f"on some ranks only): out={run.path.parent} must be on a filesystem shared by every node")
+
+
+def _check_execution(run: RunFolder, recorded: dict[str, Any] | None, now: dict[str, Any]) -> None:
+    """A resume must run under the facts the run started with, or its numbers would silently change."""
+    if recorded is None or recorded == now:
+        return
+    diff = ", ".join(f"{k} {recorded.get(k)!r} then, {now.get(k)!r} now" for k in sorted({*recorded, *now})
+                     if recorded.get(k) != now.get(k))
+    fix = (f"re-run with threads={recorded['torch_threads']}" if recorded.get("torch_threads") != now.get("torch_threads")
+           and "torch_threads" in recorded else "re-run on the device it started on")
+    raise ConfigError(f"run {run.run_id} was trained so far under other settings ({diff}); resuming would mix them: "
+                      f"{fix}, or move {run.path} aside to start it afresh")
 
 
 def train(cfg: RunConfig) -> Path:
@@ -286,12 +301,15 @@ def train(cfg: RunConfig) -> Path:
     info, device = dist.init(cfg.device)
     res = resolve(cfg)
     cfg = res.cfg
-    folder = Path(cfg.out) / res.run_id
-    _check_same_run_folder(folder, info, device)
-    if (folder / "result.json").exists():
+    check_environment(cfg)
+    run = res.folder
+    _check_same_run_folder(run, info, device)
+    if run.read_result() is not None:
         if info.main:
             _log(f"run {res.run_id} is already complete")
-        return folder
+        return run.path
+    if device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
     data = load_data(cfg)
     if getattr(data, "note", "") and info.main:
@@ -304,11 +322,8 @@ def train(cfg: RunConfig) -> Path:
     torch.manual_seed(derive_seed("init", cfg.seed))  # identical initial weights on every rank
     model = build_model(cfg.model, data.num_classes)
     teacher = load_run_teacher(cfg, data, device) if cfg.teacher else None
-    on_disk = is_file_dataset(cfg.dataset)
-    image_size = cfg.image_size if on_disk else data.image_size
-    setup = Setup(cfg.model, data.num_classes, image_size, len(data.train_y), cfg.epochs, cfg.batch_size,
-                  MODELS.get(cfg.model).family, tuple(model.stage_channels), model.num_features, teacher,
-                  data.train_y.clone())
+    image_size = cfg.image_size if is_file_dataset(cfg.dataset) else data.image_size
+    setup = Setup.of(cfg.model, model, data.train_y, image_size, cfg.epochs, cfg.batch_size, teacher)
     method = res.method_cls(res.method_cfg, setup)
     if settings["sync_bn"] and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -319,8 +334,9 @@ def train(cfg: RunConfig) -> Path:
         loader = make_loader(cfg, data, device, method.needs, info, settings["channels_last"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    autocast = _autocast(settings, device)
     if teacher is not None:  # before any training: the teacher must be the one recorded
-        verify_teacher(teacher, evaluate(teacher.model, loader, cfg.eval_batch_size, _autocast(settings, device))[0],
+        verify_teacher(teacher, evaluate(teacher.model, loader.test_batches(cfg.eval_batch_size), autocast)[0],
                        cfg.teacher_tolerance)
         if info.main:
             _log(f"teacher {cfg.teacher}: {teacher.info['model']}, top-1 {teacher.info['measured_top1']:.2f} "
@@ -328,27 +344,27 @@ def train(cfg: RunConfig) -> Path:
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
-    state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0}
-    ckpt_path = folder / "checkpoint.pt"
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    facts = execution(cfg, device)
+    state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0,
+             "execution": facts}
+    if run.checkpoint_path.exists():
+        ckpt = run.load_checkpoint(map_location=device)
+        _check_execution(run, ckpt["state"].get("execution"), facts)
         model.load_state_dict(ckpt["model"])
         restore_method(method, ckpt, info.rank)
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
-        state = ckpt["state"]
+        state = {**ckpt["state"], "execution": facts}
         if info.main:
             _log(f"resuming run {res.run_id} after epoch {state['epoch']}")
-    elif info.main:
-        runs.atomic_write_yaml(folder / "config.yaml", to_dict(cfg))
     dist.barrier()
 
     if settings["compile"]:
         model.compile(backend=cfg.compile_backend)
+    views = ViewAccuracy(model, res.method_cls.train_views(res.method_cfg), device)
     task = Task(model, method)
     if info.enabled:
         task = wrap_ddp(task, device)
-    autocast = _autocast(settings, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -365,21 +381,25 @@ def train(cfg: RunConfig) -> Path:
         method.epoch_start(step)
         t0 = time.perf_counter()
         sums, anchors = _train_epoch(task, optimizer, loader, step, autocast, cfg.progress and info.main,
-                                     f"{folder} keeps the last good checkpoint (epoch {state['epoch']})")
+                                     f"{run.path} keeps the last good checkpoint (epoch {state['epoch']})", views)
         method.epoch_end(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - t0
         if info.enabled:
             dist.broadcast_buffers(model)
-        top1, top5 = evaluate(model, loader, cfg.eval_batch_size, autocast)
+        top1, top5 = evaluate(model, loader.test_batches(cfg.eval_batch_size), autocast)
         steps = len(loader)
         loss_means = torch.stack([sums[k] for k in sorted(sums)]) / steps
         loss_means = (dist.all_reduce_sum(loss_means) / info.world).tolist()
         images = int(dist.all_reduce_sum(torch.tensor(float(anchors), device=device)).item()) * method.needs.images_per_anchor
         record = {"epoch": epoch, "lr": lr, "loss": dict(zip(sorted(sums), loss_means)), "top1": top1, "top5": top5,
-                  "train_seconds": train_seconds, "images_per_second": images / train_seconds,
-                  **method.log_values(step)}
+                  "train_seconds": train_seconds, "images": images, "images_per_second": images / train_seconds,
+                  "warmup": done_here == 0, **views.epoch_values(), **method.log_values(step)}
+        if epoch == cfg.epochs:
+            clean = loader.clean_train_batches(cfg.eval_batch_size)
+            if clean is not None:
+                record["train_top1"] = evaluate(model, clean, autocast)[0]
         state["history"].append(record)
         state["epoch"] = epoch
         state["train_seconds"] += train_seconds
@@ -391,18 +411,27 @@ def train(cfg: RunConfig) -> Path:
         if info.main:
             ckpt = {"model": model.state_dict(), **method_part, "optimizer": optimizer.state_dict(),
                     "torch_rng": torch.get_rng_state(), "state": state}
-            runs.atomic_torch_save(ckpt_path, ckpt)
-            runs.atomic_write_text(folder / "log.jsonl", "".join(runs.json_line(r) for r in state["history"]))
+            if not run.config_path.exists():  # the folder appears with the first checkpoint, never half-made
+                run.write_config(to_dict(cfg))
+            run.save_checkpoint(ckpt)
+            run.write_log(state["history"])
             loss_txt = " ".join(f"{k}={v:.4f}" for k, v in record["loss"].items())
             _log(f"epoch {epoch}/{cfg.epochs} lr={lr:.3g} {loss_txt} top1={top1:.2f} top5={top5:.2f} "
                  f"({train_seconds:.1f}s, {record['images_per_second']:.0f} img/s)")
         dist.barrier()
 
     if state["epoch"] == cfg.epochs and info.main:
-        runs.atomic_write_json(folder / "result.json", _result(res, state, device, info, loader, settings,
-                                                                    teacher.info if teacher else None))
+        run.write_result(_result(res, state, device, info, loader, settings, teacher.info if teacher else None))
     dist.barrier()
-    return folder
+    return run.path
+
+
+def steady_rate(history: list[dict[str, Any]]) -> float | None:
+    """Training images/s over the epochs that are not the first of an invocation (start-up, compile warm-up);
+    None when every epoch was a first one."""
+    steady = [r for r in history if not r.get("warmup") and r.get("images")]
+    seconds = sum(r["train_seconds"] for r in steady)
+    return sum(r["images"] for r in steady) / seconds if steady and seconds > 0 else None
 
 
 def _result(res: Resolved, state: dict, device, info, loader, settings,
@@ -410,26 +439,31 @@ def _result(res: Resolved, state: dict, device, info, loader, settings,
     """The run record every table cell traces back to."""
     cfg, hist = res.cfg, state["history"]
     best = max(hist, key=lambda r: r["top1"])
+    last = hist[-1]
     return {
         "run_id": res.run_id,
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "seed": cfg.seed,
-        "final": {"top1": hist[-1]["top1"], "top5": hist[-1]["top5"], "epoch": hist[-1]["epoch"]},
+        "final": {"top1": last["top1"], "top5": last["top5"], "epoch": last["epoch"],
+                  "train_top1": last.get("train_top1"), "train_top1_note": "clean pass over the training set "
+                  "(no augmentation) after the last epoch"},
         "best": {"top1": best["top1"], "top5": best["top5"], "epoch": best["epoch"],
                  "note": "selected on the test set"},
-        "curve": [{k: r[k] for k in ("epoch", "top1", "top5", "loss", "lr")} for r in hist],
+        "curve": [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in hist],
         "config": to_dict(cfg),
         "identity": cfg.identity(),
         "git_commit": runs.git_commit(),
         "versions": runs.versions(),
         "hardware": runs.hardware(device, info.world),
         "settings": settings,
+        "execution": state["execution"],
         "wall_seconds": state["wall_seconds"],
         "train_seconds": state["train_seconds"],
-        "images_per_second": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "images_per_second": steady_rate(hist),
+        "images_per_second_raw": state["train_images"] / max(state["train_seconds"], 1e-9),
+        "images_per_second_note": "steady state: epochs after the first of each invocation (start-up and compile "
+                                  "warm-up excluded); _raw counts every epoch",
         "images_per_step": loader.images_per_step,
         "peak_memory_mib": runs.peak_memory_mib(device),
         "teacher": teacher_info,
         "ffcv_copy": loader.data.provenance() if cfg.loader == "ffcv" else None,
     }
-
-

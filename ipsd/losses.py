@@ -50,8 +50,9 @@ def fp32(t: Tensor) -> Iterator[None]:
 
 
 def ce_and_kd(z_s: Tensor, z_t: Tensor, y: Tensor, gamma: float, alpha: float, T: float) -> dict[str, Tensor]:
-    """The teacher-based methods' shared part (spec teacher_kd a.0): gamma * CE + alpha * T^2 KL(teacher || student);
-    ``kd`` is only returned when alpha > 0 (RepDistiller computes it at 0 too, which changes only the log)."""
+    """The teacher-based methods' shared part (RepDistiller's ``train_distill``): gamma * CE + alpha * T^2
+    KL(teacher || student); ``kd`` is only returned when alpha > 0 (RepDistiller computes it at 0 too, which
+    changes only the log)."""
     terms = {"ce": gamma * ce(z_s, y)}
     if alpha > 0:
         terms["kd"] = alpha * kl_t2(z_t, z_s, T)

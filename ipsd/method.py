@@ -1,15 +1,14 @@
 """The method contract: the one interface a distillation method implements.
 
 A method is an ``nn.Module`` (so its heads, buffers and state are checkpointed and moved with
-everything else). It declares what its batches must hold (:class:`Needs`), owns its
-hyper-parameters as a dataclass (``Config``) with per-model defaults, and maps
-(model, batch, step) to named loss terms that the engine sums and logs.
+everything else). It declares from its config alone what its batches must hold (:meth:`Method.needs_for`,
+a :class:`Needs`), owns its hyper-parameters as a dataclass (``Config``) with per-model defaults, and maps
+(model, batch, step) to named loss terms that the engine sums and logs. Discovery of the registered
+methods lives with resolution (``ipsd.resolve``).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,34 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from .config import build
+from .data.batch import Batch, Needs
+from .models import MODELS
 from .registry import Registry
 
-
-@dataclass(frozen=True)
-class Needs:
-    """What the loader must put in each batch."""
-
-    pairs: bool = False  # batch.partner: an image of the same class per anchor (IPS, CS-KD)
-    self_pairs: bool = False  # whether a partner may be the anchor itself
-    views: int = 1  # 2: batch.view2 is a second, independent augmentation of batch.x (DDGSD, DLB)
-    strong_view2: bool = False  # view2 additionally gets RandAugment + Cutout (VRM's virtual view)
-    strong_args: tuple = ()  # (key, value) pairs passed to ipsd.data.randaugment.rand_augment
-
-    @property
-    def images_per_anchor(self) -> int:
-        return 2 if (self.pairs or self.views == 2) else 1
-
-
-@dataclass
-class Batch:
-    """One step's data on the training device; images are augmented and normalised floats."""
-
-    x: Tensor  # (B, 3, H, W) anchors
-    y: Tensor  # (B,) labels
-    index: Tensor  # (B,) dataset indices of the anchors
-    partner: Tensor | None = None  # (B, 3, H, W) same-class partners
-    partner_index: Tensor | None = None
-    view2: Tensor | None = None  # (B, 3, H, W) second view of the anchors
+__all__ = ["Batch", "FeatureKD", "METHODS", "Method", "Needs", "NoConfig", "Setup", "Step", "forward_views",
+           "register_method"]
 
 
 @dataclass
@@ -67,11 +44,19 @@ class Setup:
     train_size: int
     epochs: int
     batch_size: int
-    family: str = ""  # model family: resnet, cifar_resnet, vgg, shufflenet
+    family: str = ""  # model family, as registered with the model (see ``ipsd list``)
     stage_channels: tuple[int, ...] = ()  # channels of the model's Features.stages
     num_features: int = 0  # width of Features.pooled
     teacher: Any = None  # a FrozenTeacher (ipsd.teacher) for methods with needs_teacher, else None
     train_labels: Any = None  # (N,) int64 CPU tensor of the training labels, by dataset index
+
+    @classmethod
+    def of(cls, model_name: str, net: nn.Module, train_labels: Tensor, image_size: int, epochs: int,
+           batch_size: int, teacher: Any = None) -> "Setup":
+        """The one way to describe a run to a method: facts about the model are read off the built model."""
+        labels = train_labels.detach().cpu().clone()
+        return cls(model_name, int(net.classifier.out_features), image_size, len(labels), epochs, batch_size,
+                   MODELS.get(model_name).family, tuple(net.stage_channels), net.num_features, teacher, labels)
 
 
 @dataclass
@@ -89,15 +74,38 @@ class Method(nn.Module):
     # Per-model hyper-parameter overrides from the paper: {model name: {field: value}}.
     model_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
+    # What the method costs beyond its images and teacher forwards, for ``ipsd bench``'s predicted-cost column.
+    cost_note: ClassVar[str] = ""
+
     def __init__(self, cfg: Any, setup: Setup):
         super().__init__()
         self.cfg = cfg
         self.setup = setup
-        self.needs = Needs()
+        self.needs = self.needs_for(cfg)
         if self.needs_teacher:  # a FrozenTeacher: a plain attribute, never a submodule (not optimised/saved/synced)
             from .teacher import require_teacher
 
             self.teacher = require_teacher(setup, self.name)
+
+    @classmethod
+    def needs_for(cls, cfg: Any) -> Needs:
+        """What each batch must hold under hyper-parameters ``cfg``: known before the method is built, so the
+        planner counts images per step without building a method or its teacher."""
+        return Needs()
+
+    @classmethod
+    def train_views(cls, cfg: Any) -> int:
+        """How many B-row blocks at the start of a step's model calls are views of the batch's anchors, labelled
+        with the batch's labels (the engine's running train accuracy reads them); 0 = none can be read."""
+        return 1
+
+    @classmethod
+    def predicted_cost(cls, cfg: Any) -> str:
+        """Per-step work implied by the method's needs and teacher, e.g. ``2B fwd+bwd + 2B teacher fwd``."""
+        k = cls.needs_for(cfg).images_per_anchor
+        b = "B" if k == 1 else f"{k}B"
+        parts = [f"{b} fwd+bwd"] + ([f"{b} teacher fwd"] if cls.needs_teacher else []) + ([cls.cost_note] if cls.cost_note else [])
+        return " + ".join(parts)
 
     @classmethod
     def resolve_config(cls, model: str, args: dict[str, Any], where: str = "method_args.") -> Any:
@@ -176,12 +184,3 @@ def forward_views(model: nn.Module, *views: Tensor, joint: bool = False, feature
     return [(chunk, type(feats)(**{k: ([parts[i] for parts in v] if isinstance(v, list) else v[i])
                                    for k, v in split.items()}))
             for i, chunk in enumerate(logits.split(sizes))]
-
-
-def load_methods() -> Registry[type[Method]]:
-    """Import every module of the ``baselines`` package so each method registers itself."""
-    import baselines
-
-    for info in pkgutil.iter_modules(baselines.__path__):
-        importlib.import_module(f"baselines.{info.name}")
-    return METHODS

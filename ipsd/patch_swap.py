@@ -1,9 +1,11 @@
-"""Intra-class patch swap (IPS, spec §a.2): exchange whole grid cells between paired images.
+"""Intra-class patch swap (IPS): exchange whole grid cells between paired images.
 
-Grid semantics (P1): ``grid = n`` cuts an H×W image into n×n non-overlapping cells of
-(H/n)×(W/n) pixels; cell ``c`` is row ``c // n``, column ``c % n`` (row-major).
-Every swap goes through fresh tensors built with ``torch.where`` (P3: never through views),
-and unswapped pairs pass through unchanged (P4).
+Grid semantics: ``grid = n`` cuts an H×W image into n×n non-overlapping cells of
+(H/n)×(W/n) pixels; cell ``c`` is row ``c // n``, column ``c % n`` (row-major). The paper's
+"4×4 patches" is this 4×4 grid (16 cells of 8 px on CIFAR), not patches of 4 px.
+Every swap goes through fresh tensors built with ``torch.where``, never through views (a tuple
+swap through indexed views can copy one image's cell into both), and unswapped pairs pass
+through unchanged into the same loss (the paper's snippet, read literally, would drop them).
 """
 from __future__ import annotations
 
@@ -41,10 +43,11 @@ def swap_cells(
     """Bool ``(batch, grid*grid)``: the cells each pair exchanges (all False for unswapped pairs).
 
     Each pair is swapped with probability ``p`` (independent Bernoulli per pair, not per batch).
-    A swapped pair exchanges ``k`` cells, ``k ~ Uniform{1..grid²-1}`` (``"uniform"``, spec
-    recommendation) or ``k = 1`` (``"single"``, literal reading of the paper snippet, P2); the
-    cells are a uniformly random k-subset, obtained by ranking iid uniform scores and keeping
-    the k smallest ranks (exactly k even under ties, no loop over the batch).
+    A swapped pair exchanges ``k`` cells, ``k ~ Uniform{1..grid²-1}`` (``"uniform"``, the paper's
+    prose: at least one, at most grid²-1) or ``k = 1`` (``"single"``, a literal reading of the
+    trailing ``[0]`` in the paper's snippet); the cells are a uniformly random k-subset, obtained
+    by ranking iid uniform scores and keeping the k smallest ranks (exactly k even under ties, no
+    loop over the batch).
     The same three draws are made whatever ``p`` is, so a seed fixes the stream per shape.
     """
     if k_mode not in K_MODES:

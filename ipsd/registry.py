@@ -41,6 +41,10 @@ class Registry(Generic[T]):
                 f"(all: {', '.join(sorted(self._items))})"
             ) from None
 
+    def unregister(self, name: str) -> None:
+        """Remove a name (tests that register a throw-away method remove it again)."""
+        del self._items[name.lower()]
+
     def names(self) -> list[str]:
         return sorted(self._items)
 

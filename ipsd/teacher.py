@@ -1,5 +1,6 @@
-"""Frozen pretrained teachers (TF-KD_self, and later teacher-based KD): load a finished run's model
-and keep it out of everything the engine trains, moves, checkpoints or synchronises.
+"""Frozen pretrained teachers (TF-KD_self, KD, AT, SP, RKD, CRD, VRM): load a finished run's model and
+keep it out of everything the engine trains, moves, checkpoints or synchronises. References (registry
+names, run folders, checksums) are resolved by ``ipsd.teacher_registry``.
 
 A teacher reference is a run folder written by ``ipsd train`` (``config.yaml`` + ``checkpoint.pt``,
 optionally ``result.json``) or the path of such a folder's ``checkpoint.pt``. The architecture is
@@ -8,48 +9,17 @@ be loaded into the model that produced it (strict ``load_state_dict``).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor, nn
 
 from .config import ConfigError
 from .models import MODELS, Backbone, Features, build_model
-
-CONFIG_FILE, CHECKPOINT_FILE, RESULT_FILE = "config.yaml", "checkpoint.pt", "result.json"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be hundreds of MB)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def locate(ref: str | Path) -> tuple[Path, Path]:
-    """``ref`` -> (run folder, checkpoint file). A named-teacher registry would resolve names here first."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        folder, ckpt = path, path / CHECKPOINT_FILE
-    elif path.is_file():
-        folder, ckpt = path.parent, path
-    else:
-        raise ConfigError(f"teacher {str(ref)!r} does not exist; pass the folder of a finished run "
-                          f"(holding {CONFIG_FILE} and {CHECKPOINT_FILE}, e.g. from `ipsd train method=hard ...`) "
-                          f"or that folder's {CHECKPOINT_FILE}")
-    for need in (folder / CONFIG_FILE, ckpt):
-        if not need.is_file():
-            raise ConfigError(f"teacher {str(ref)!r}: {need} is missing; a teacher is a run folder written by "
-                              f"`ipsd train` (it holds {CONFIG_FILE} and {CHECKPOINT_FILE})")
-    return folder, ckpt
+from .runs import CONFIG_FILE, RecordError, load_checkpoint_file
+from .teacher_registry import locate, resolve_ref, sha256_file
 
 
 def _num_classes(weights: dict[str, Tensor], run_cfg: dict[str, Any], where: str) -> int:
@@ -76,7 +46,7 @@ def load_teacher(ref: str | Path, device: torch.device | str | None = None, *, m
     """
     folder, ckpt_path = locate(ref)
     where = repr(str(ref))
-    run_cfg = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    run_cfg = folder.read_config()
     name = str(run_cfg.get("model", ""))
     if name not in MODELS:
         raise ConfigError(f"teacher {where}: {CONFIG_FILE} names model {name!r}, which is not a registered model")
@@ -88,9 +58,10 @@ def load_teacher(ref: str | Path, device: torch.device | str | None = None, *, m
     if sha256 is not None and digest != sha256.lower():
         raise ConfigError(f"teacher {where}: {ckpt_path.name} has sha256 {digest}, not the pinned {sha256}")
 
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"teacher {where}: {ckpt_path} has no 'model' entry; not an ipsd run checkpoint")
+    try:
+        ckpt = load_checkpoint_file(ckpt_path, "cpu", weights_only=True)
+    except RecordError as e:
+        raise ConfigError(f"teacher {where}: {e}") from None
     weights = ckpt["model"]
     n = _num_classes(weights, run_cfg, where)
     if num_classes is not None and n != num_classes:
@@ -106,17 +77,16 @@ def load_teacher(ref: str | Path, device: torch.device | str | None = None, *, m
     if device is not None:
         net.to(device)
 
-    result_path = folder / RESULT_FILE
-    result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    result = folder.read_result()
     epochs_done = (ckpt.get("state") or {}).get("epoch")
     info = {
-        "path": str(ckpt_path.resolve()), "run_dir": str(folder.resolve()), "model": name,
+        "path": str(ckpt_path.resolve()), "run_dir": str(folder.path.resolve()), "model": name,
         "dataset": run_cfg.get("dataset"), "num_classes": n, "sha256": digest,
-        "top1": result["final"]["top1"] if result else None, "complete": result is not None,
+        "top1": result.top1("last") if result else None, "complete": result is not None,
         "epoch": epochs_done, "epochs": run_cfg.get("epochs"),
     }
     if result is None:
-        warnings.warn(f"teacher {where} has no {RESULT_FILE}: its run is unfinished "
+        warnings.warn(f"teacher {where} has no finished record: its run is unfinished "
                       f"(epoch {epochs_done} of {run_cfg.get('epochs')})", stacklevel=2)
     return net, info
 
@@ -158,49 +128,6 @@ class FrozenTeacher:
         return f"FrozenTeacher({self.info.get('model')}, sha256={str(self.info.get('sha256'))[:12]})"
 
 
-# --- teacher references: registry names, run folders, identity, verification -------------------------
-
-REGISTRY = Path(__file__).resolve().parents[1] / "results" / "teachers.yaml"
-RUN_ID = re.compile(r"^[0-9a-f]{12}$")
-
-
-def read_registry(path: Path | None = None) -> dict[str, dict[str, Any]]:
-    """``name -> {run, sha256, top1, recipe}`` from results/teachers.yaml (missing file: empty)."""
-    path = path or REGISTRY
-    if not path.is_file():
-        return {}
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of teacher name -> entry")
-    return data
-
-
-def resolve_ref(ref: str) -> tuple[Path, dict[str, Any] | None]:
-    """A teacher reference -> (run folder or checkpoint path, registry entry if it was a registered name)."""
-    entry = read_registry().get(ref)
-    if entry is None:
-        return Path(ref).expanduser(), None
-    if not entry.get("run"):
-        recipe = " ".join(f"{k}={v}" for k, v in (entry.get("recipe") or {}).items())
-        raise ConfigError(f"teacher {ref!r} is registered in {REGISTRY} but not trained yet: run "
-                          f"`ipsd train method=hard {recipe}`, then `ipsd teacher register {ref} <run folder>`")
-    run = Path(entry["run"]).expanduser()
-    return (run if run.is_absolute() else REGISTRY.parents[1] / run), entry
-
-
-def teacher_identity(ref: str) -> str:
-    """What a student's identity records about its teacher: ``run:<run id>`` (a run folder's name is the
-    hash of its identity, so this is known before the teacher has trained) or the checkpoint's sha256."""
-    path, _ = resolve_ref(ref)
-    folder = path.parent if path.suffix == ".pt" else path
-    if RUN_ID.match(folder.name):
-        return f"run:{folder.name}"
-    if path.is_file():
-        return f"sha256:{sha256_file(path)}"
-    _, ckpt = locate(path)
-    return f"sha256:{sha256_file(ckpt)}"
-
-
 SAME_DATA_KEYS = ("dataset", "classes", "test_per_class")
 
 
@@ -210,7 +137,7 @@ def load_run_teacher(cfg: Any, data: Any, device: torch.device) -> FrozenTeacher
     path, entry = resolve_ref(cfg.teacher)
     teacher = FrozenTeacher.load(path, num_classes=data.num_classes, sha256=(entry or {}).get("sha256"))
     folder, _ = locate(path)
-    recorded = yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}
+    recorded = folder.read_config()
     for key in SAME_DATA_KEYS:
         if recorded.get(key) != getattr(cfg, key):
             raise ConfigError(f"teacher {cfg.teacher!r} was trained with {key}={recorded.get(key)!r} but this run has "
@@ -231,23 +158,6 @@ def verify_teacher(teacher: FrozenTeacher, measured_top1: float, tolerance: floa
         raise ConfigError(f"teacher {teacher.info.get('ref')!r}: re-measured test top-1 {measured_top1:.2f} differs "
                           f"from the recorded {recorded:.2f} by more than teacher_tolerance={tolerance}; wrong "
                           f"checkpoint, data or normalisation?")
-
-
-def register(name: str, run: str | Path, path: Path | None = None) -> dict[str, Any]:
-    """Record a finished run as the named teacher: its folder, checkpoint sha256 and test top-1."""
-    path = path or REGISTRY
-    folder, ckpt = locate(run)
-    result_file = folder / RESULT_FILE
-    if not result_file.is_file():
-        raise ConfigError(f"{folder} has no {RESULT_FILE}: only a finished run can be registered as a teacher")
-    result = json.loads(result_file.read_text())
-    entries = read_registry(path)
-    entries[name] = {**entries.get(name, {}), "run": str(folder.resolve()), "sha256": sha256_file(ckpt),
-                     "top1": result["final"]["top1"], "model": result["model"], "dataset": result["dataset"]}
-    from .runs import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(entries, sort_keys=True))
-    return entries[name]
 
 
 def require_teacher(setup: Any, method: str) -> FrozenTeacher:

@@ -16,7 +16,8 @@ from torch import nn
 
 from ipsd.data import ImageData
 from ipsd.engine import Task, wrap_ddp
-from ipsd.method import Batch, Method, Setup, Step, load_methods
+from ipsd.method import Batch, Method, Setup, Step
+from ipsd.resolve import load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from baselines.at import match_spatial, stage_pairs
 from ipsd.config import ConfigError
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 

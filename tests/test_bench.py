@@ -2,9 +2,8 @@
 import json
 import math
 
-from ipsd.bench import bench_swap
 from ipsd.cli import main
-from ipsd.method import load_methods
+from ipsd.resolve import load_methods
 
 
 def test_bench_json_has_every_figure(tmp_path, capsys):
@@ -14,7 +13,7 @@ def test_bench_json_has_every_figure(tmp_path, capsys):
     for key in ("swap_speedup_vs_loop", "loader_speedup_vs_torchvision", "ips_step_over_hard_step",
                 "swap_fraction_of_ips_step"):
         assert math.isfinite(out[key]) and out[key] > 0, key
-    methods = {m for m in load_methods().names() if not m.startswith("test_")}
+    methods = set(load_methods().names())
     printed = capsys.readouterr().out
     for m in methods:
         assert f"\n{m} " in printed, m
@@ -22,11 +21,16 @@ def test_bench_json_has_every_figure(tmp_path, capsys):
     assert out["methods"]["ips"]["images_per_step"] == 2 * out["methods"]["hard"]["images_per_step"]
 
 
-def test_swap_bench_times_both_versions():
-    import torch
-
-    r = bench_swap(torch.device("cpu"), repeats=2)
-    assert r["swap_seconds"] > 0 and r["swap_loop_seconds"] > 0
+def test_predicted_cost_comes_from_each_methods_needs_and_teacher():
+    """The bench's predicted-cost column is derived from what a method declares, not from a table of names."""
+    methods = load_methods()
+    cost = {name: methods.get(name).predicted_cost(methods.get(name).resolve_config("resnet8", {}))
+            for name in ("hard", "ips", "dlb", "kd", "vrm", "cskd")}
+    assert cost["hard"] == "B fwd+bwd"
+    assert cost["ips"] == cost["dlb"] == "2B fwd+bwd"
+    assert cost["kd"] == "B fwd+bwd + B teacher fwd"
+    assert cost["vrm"] == "2B fwd+bwd + 2B teacher fwd"
+    assert cost["cskd"].startswith("2B fwd+bwd + ") and "without grad" in cost["cskd"]
 
 
 def test_file_loader_bench_reports_both_loaders(ffcv_installed, tmp_path, capsys):

@@ -2,7 +2,7 @@
 import pytest
 
 from ipsd.config import ConfigError, RunConfig, apply_overrides, build, load_run_config
-from ipsd.engine import resolve
+from ipsd.resolve import resolve
 from ipsd.runs import run_hash
 
 

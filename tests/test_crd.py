@@ -8,7 +8,8 @@ from helpers import assert_teacher_untouched, gloo_group, make_step, snapshot, s
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Setup, load_methods
+from ipsd.method import Batch, Setup
+from ipsd.resolve import load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 

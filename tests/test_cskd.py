@@ -8,7 +8,7 @@ from torch import nn
 
 from ipsd.config import ConfigError
 from ipsd.data.loader import DeviceLoader
-from ipsd.method import load_methods
+from ipsd.resolve import load_methods
 
 CSKD = load_methods().get("cskd")
 SETUP = make_setup()

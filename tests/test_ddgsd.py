@@ -7,7 +7,8 @@ from helpers import make_setup, make_step, ref_ce, ref_kl
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 from ipsd.models.base import Features
 
 DDGSD = load_methods().get("ddgsd")

@@ -11,7 +11,8 @@ from helpers import free_port, gloo_group, make_setup, make_step, spawn_two
 from torch import nn
 
 from ipsd.engine import Task, wrap_ddp
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 
 
 class Probe(nn.Module):

@@ -7,7 +7,8 @@ from helpers import LinearProbe, make_setup, ref_ce
 
 from baselines.disturb import disturb_labels
 from ipsd.config import ConfigError
-from ipsd.method import Batch, Step, load_methods
+from ipsd.method import Batch, Step
+from ipsd.resolve import load_methods
 
 DISTURB = load_methods().get("disturb")
 C = 10

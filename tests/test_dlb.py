@@ -19,7 +19,8 @@ from helpers import (
 from ipsd.config import ConfigError
 from ipsd.dist import DistInfo
 from ipsd.engine import method_checkpoint, restore_method
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 
 DLB = load_methods().get("dlb")
 SETUP = make_setup()

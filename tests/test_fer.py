@@ -7,7 +7,8 @@ import torch
 from helpers import Logits, gloo_group, make_setup, make_step, softmax_list, spawn_two
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 
 FER = load_methods().get("fer")
 C, N, E = 3, 10, 240

@@ -22,8 +22,9 @@ from ipsd.data import DataError
 from ipsd.data.beton import load_betons, write_betons
 from ipsd.data.datasets import subset_items
 from ipsd.data.folders import IMAGENET_MEAN, IMAGENET_STD, read_class_folders
-from ipsd.engine import resolve, train
-from ipsd.method import Needs
+from ipsd.engine import train
+from ipsd.resolve import resolve
+from ipsd.data.batch import Needs
 from ipsd.rng import generator
 
 CLASSES, TRAIN, VAL, CROP = 3, 5, 2, 16

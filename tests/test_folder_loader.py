@@ -15,8 +15,9 @@ from ipsd.config import ConfigError, load_run_config
 from ipsd.data.datasets import subset_items
 from ipsd.data.folder_loader import FolderLoader
 from ipsd.data.folders import IMAGENET_MEAN, IMAGENET_STD, read_class_folders
-from ipsd.engine import resolve, train
-from ipsd.method import Needs
+from ipsd.engine import train
+from ipsd.resolve import resolve
+from ipsd.data.batch import Needs
 
 CLASSES, TRAIN, VAL, SIDE, CROP = 3, 6, 2, 40, 24
 

@@ -8,7 +8,8 @@ from helpers import LinearProbe, make_setup, make_step, pair_batch, ref_ce, ref_
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, forward_views, load_methods
+from ipsd.method import Batch, forward_views
+from ipsd.resolve import load_methods
 
 METHODS = load_methods()
 IPS = METHODS.get("ips")

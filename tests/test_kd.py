@@ -8,7 +8,7 @@ import torch
 from helpers import LinearProbe, assert_teacher_stays_frozen, make_step, random_batch, ref_softmax, teacher_setup
 
 from ipsd.config import ConfigError
-from ipsd.method import load_methods
+from ipsd.resolve import load_methods
 from ipsd.teacher import FrozenTeacher
 
 METHODS = load_methods()

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from ipsd.data.loader import DeviceLoader
-from ipsd.method import Needs
+from ipsd.data.batch import Needs
 from ipsd.rng import generator
 
 from helpers import toy_data

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from helpers import LinearProbe, make_setup, make_step, ref_log_softmax
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 
 LS = load_methods().get("ls")
 C = 5

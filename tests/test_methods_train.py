@@ -7,7 +7,7 @@ import torch
 
 from ipsd.config import load_run_config
 from ipsd.engine import train
-from ipsd.method import load_methods
+from ipsd.resolve import load_methods
 
 METHODS = [m for m in load_methods().names() if not m.startswith("test_")]
 BASE = ["model=resnet8", "dataset=cifar10", "per_class=20", "test_per_class=10", "epochs=2", "batch_size=32",

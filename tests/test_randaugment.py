@@ -223,7 +223,7 @@ def test_loader_builds_the_strong_view_with_it():
     from helpers import toy_data
 
     from ipsd.data.loader import DeviceLoader
-    from ipsd.method import Needs
+    from ipsd.data.batch import Needs
 
     loader = DeviceLoader(toy_data(), torch.device("cpu"), 16, Needs(views=2, strong_view2=True), seed=0)
     batch = next(iter(loader.epoch(1)))

@@ -15,7 +15,8 @@ from helpers import (
 from torch import nn
 
 from ipsd.config import ConfigError
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 from ipsd.models import Features, build_model
 from ipsd.teacher import FrozenTeacher
 

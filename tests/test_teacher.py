@@ -5,9 +5,10 @@ import shutil
 import pytest
 import yaml
 
-from ipsd import teacher as teacher_mod
+from ipsd import teacher_registry as teacher_mod
 from ipsd.config import ConfigError, load_run_config
-from ipsd.engine import resolve, train
+from ipsd.engine import train
+from ipsd.resolve import resolve
 
 DATA = ["dataset=digits", "model=resnet8", "per_class=10", "test_per_class=5", "batch_size=20", "progress=false"]
 

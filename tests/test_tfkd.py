@@ -20,7 +20,8 @@ from helpers import (
 
 from ipsd.config import ConfigError, load_run_config
 from ipsd.engine import Task, train
-from ipsd.method import Batch, load_methods
+from ipsd.method import Batch
+from ipsd.resolve import load_methods
 from ipsd.models import build_model
 from ipsd.teacher import FrozenTeacher, load_teacher
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ipsd.config import ConfigError
 from ipsd.engine import Task, wrap_ddp
-from ipsd.method import Batch, Needs, Setup, Step, load_methods
+from ipsd.method import Batch, Needs, Setup, Step
+from ipsd.resolve import load_methods
 from ipsd.models import build_model
 from ipsd.teacher import FrozenTeacher
 

@@ -13,13 +13,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ipsd.errors import DataError  # noqa: F401 -- data modules raise it from here
 from ipsd.registry import Registry
 
 ENV_DATA = "IPSD_DATA"
-
-
-class DataError(RuntimeError):
-    """Missing/corrupt/unreadable data; message names the file and the fix."""
 
 
 @dataclass

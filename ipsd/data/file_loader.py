@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..method import Batch, Needs
+from .batch import Batch, Needs
 from ..rng import generator
 from .loader import LoaderBase
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..method import Batch, Needs
+from .batch import Batch, Needs
 from ..rng import generator
 from .datasets import ImageData
 from .sampler import EpochSampler
@@ -48,8 +48,13 @@ class LoaderBase:
         return x_u8.to(self.device, non_blocking=True).contiguous(memory_format=layout).float() * self.scale + self.shift
 
     def test_range(self, n: int) -> tuple[int, int]:
-        """This rank's disjoint, contiguous share [lo, hi) of ``n`` test images."""
+        """This rank's disjoint, contiguous share [lo, hi) of ``n`` evaluation images."""
         return self.rank * n // self.world, (self.rank + 1) * n // self.world
+
+    def clean_train_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]] | None:
+        """The training set without augmentation, for the end-of-run train accuracy; None where a loader does
+        not offer it (the on-disk loaders: their record then has no clean train accuracy)."""
+        return None
 
 
 class DeviceLoader(LoaderBase):
@@ -97,7 +102,14 @@ class DeviceLoader(LoaderBase):
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's disjoint share of the test set, normalised, no augmentation."""
-        lo, hi = self.test_range(len(self.test_y))
+        return self._plain_batches(self.test_x, self.test_y, batch_size)
+
+    def clean_train_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's disjoint share of the training set as stored (no crop, flip or pairing), normalised."""
+        return self._plain_batches(self.train[:, :, PAD:-PAD, PAD:-PAD], self.train_y, batch_size)
+
+    def _plain_batches(self, x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        lo, hi = self.test_range(len(y))
         for s in range(lo, hi, batch_size):
             e = min(s + batch_size, hi)
-            yield self.normalise(self.test_x[s:e]), self.test_y[s:e]
+            yield self.normalise(x[s:e]), y[s:e]

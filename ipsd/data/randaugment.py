@@ -1,4 +1,4 @@
-"""Batched, on-device RandAugment + Cutout on uint8 images (VRM's virtual view, spec teacher_kd a.6, (f) 12 viii).
+"""Batched, on-device RandAugment + Cutout on uint8 images (VRM's virtual view).
 
 Every sample draws its own ``n`` operations (uniformly, with replacement, as ``random.choices``) and a
 magnitude per operation, then one Cutout square; all of it is vectorised over the batch (a loop over
@@ -28,7 +28,7 @@ on the image; ``x0 = floor(max(0, cx - s/2))`` and PIL's inclusive rectangle cov
 the right/bottom edges only, a box near the left/top edge is shifted inside instead); nothing when v = 0. Fill
 ``(125, 123, 114)`` (CRLD's colour, about the CIFAR mean; FixMatch-pytorch uses gray 127).
 
-``variant="torchvision"`` is the spec's alternative ``torchvision.transforms.RandAugment(num_ops=2,
+``variant="torchvision"`` is the other reading of VRM's "RandAugment", ``torchvision.transforms.RandAugment(num_ops=2,
 magnitude=9)``: the same 14 ops with torchvision's fixed magnitude for bin ``m`` of 31 (shear 0.3 m/30, translate
 int(150/331 W m/30) px, rotate m degrees, enhance factor 1 +- 0.9 m/30 -- random sign --, posterize
 8 - round(m/7.5) bits, solarize threshold 255 (1 - m/30)); torchvision applies no Cutout (pass ``cutout=0``).

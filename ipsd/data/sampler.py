@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..method import Needs
+from .batch import Needs
 from ..rng import generator
 
 

@@ -70,8 +70,8 @@ class ModelSpec:
     name: str  # registry key, e.g. "resnet18"
     display: str  # name used in the paper's tables, e.g. "ResNet18"
     build: Callable[[int], Backbone]  # num_classes -> freshly initialised model
-    lr: float  # initial learning rate (0.05, or 0.01 for ShuffleNets)
-    family: str  # "resnet", "vgg", "shufflenet", "cifar_resnet"
+    lr: float  # initial learning rate (0.05; 0.01 for ShuffleNets, 0.1 for the ImageNet ResNets and MViTv2)
+    family: str  # "resnet", "cifar_resnet", "vgg", "shufflenet", "imagenet_resnet", "mobilenet", "mvit"
 
 
 MODELS: Registry[ModelSpec] = Registry[ModelSpec]("model")

@@ -1,7 +1,7 @@
 """ResNet18/34/50/101 for 32x32 inputs, as RepDistiller ``models/resnetv2.py``.
 
-This is the ImageNet block layout with a 3x3 stride-1 stem and no max-pool (the zoo the
-spec identifies behind IPS's ResNet18 = 77.9 %). The blocks and the generic ``ResNet`` here
+This is the ImageNet block layout with a 3x3 stride-1 stem and no max-pool (inferred to be the
+zoo behind IPS's Hard-Label ResNet18 = 77.9 %; IPS's code is not public). The blocks and the generic ``ResNet`` here
 are shared with the small 3-stage CIFAR ResNets in ``cifar_resnet.py``.
 """
 from __future__ import annotations

@@ -18,24 +18,15 @@ from typing import Any, Callable
 import torch
 from tabulate import tabulate
 
-from .data import ImageData, load_dataset, subset
-from .data.loader import DeviceLoader
-from .dist import pick_device
-from .method import Method, Needs, Setup, Step, load_methods
-from .models import MODELS, build_model
-from .patch_swap import apply_swap, apply_swap_loop, swap_cells
-from .rng import generator
-
-# What each method costs per step according to the spec (images through forward+backward, extra work).
-SPEC_COST = {
-    "hard": "B fwd+bwd", "ls": "B fwd+bwd", "disturb": "B fwd+bwd", "tfkd_reg": "B fwd+bwd",
-    "tfkd_self": "B fwd+bwd + B teacher fwd", "cskd": "B fwd+bwd + B fwd no-grad", "ols": "B fwd+bwd",
-    "fer": "B fwd+bwd", "ddgsd": "2B fwd+bwd", "dlb": "2B fwd+bwd", "byot": "B fwd+bwd + aux heads",
-    "ips": "2B fwd+bwd", "kd": "B fwd+bwd + B teacher fwd", "at": "B fwd+bwd + B teacher fwd",
-    "sp": "B fwd+bwd + B teacher fwd", "rkd": "B fwd+bwd + B teacher fwd (+ B^3 D angle term)",
-    "crd": "B fwd+bwd + B teacher fwd + 2B(K+1)x128 bank gather", "vrm": "2B fwd+bwd + 2B teacher fwd",
-}
-
+from ipsd.data import ImageData, load_dataset, subset
+from ipsd.data.batch import Needs
+from ipsd.data.loader import DeviceLoader
+from ipsd.dist import pick_device
+from ipsd.method import Method, Setup, Step
+from ipsd.models import build_model
+from ipsd.patch_swap import apply_swap, apply_swap_loop, swap_cells
+from ipsd.resolve import load_methods
+from ipsd.rng import generator
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -149,12 +140,10 @@ class StepBench:
         model = build_model(self.model_name, self.data.num_classes).to(self.device)
         teacher = None
         if cls.needs_teacher:  # cost only: a randomly initialised teacher of the student's architecture
-            from .teacher import FrozenTeacher
+            from ipsd.teacher import FrozenTeacher
 
             teacher = FrozenTeacher(build_model(self.model_name, self.data.num_classes), {"model": self.model_name})
-        setup = Setup(self.model_name, self.data.num_classes, self.data.image_size, len(self.data.train_y), 240,
-                      batch, MODELS.get(self.model_name).family, tuple(model.stage_channels), model.num_features,
-                      teacher, self.data.train_y.clone())
+        setup = Setup.of(self.model_name, model, self.data.train_y, self.data.image_size, 240, batch, teacher)
         method: Method = cls(cls.resolve_config(self.model_name, args or {}), setup).to(self.device)
         loader = DeviceLoader(self.data, self.device, batch, method.needs, seed=0)
         params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
@@ -226,23 +215,22 @@ def run_bench(json_path: str | None = None, device_pref: str = "auto", quick: bo
     rows, per_method = [], {}
     base = steps.measure("hard", 64, repeats)
     for name in load_methods().names():
-        if name.startswith("test_"):
-            continue
         cls = load_methods().get(name)
+        predicted = cls.predicted_cost(cls.resolve_config(model, {}))
         try:
             r = base if name == "hard" else steps.measure(name, 64, repeats)
         except Exception as e:  # noqa: BLE001 -- e.g. a method that needs a teacher run or a ResNet
-            rows.append([name, "-", "-", "-", SPEC_COST.get(name, ""), f"skipped: {str(e).splitlines()[0][:60]}"])
+            rows.append([name, "-", "-", "-", predicted, f"skipped: {str(e).splitlines()[0][:60]}"])
             continue
         rel = {"step_time_vs_hard": r["step_seconds"] / base["step_seconds"],
                "memory_vs_hard": r["memory_mib"] / base["memory_mib"]}
         per_method[name] = {**r, **rel}
         rows.append([name, r["images_per_step"], f"{rel['step_time_vs_hard']:.2f}", f"{rel['memory_vs_hard']:.2f}",
-                     SPEC_COST.get(name, getattr(cls, "__doc__", "") or ""), ""])
+                     predicted, ""])
     memory_kind = "peak CUDA memory" if device.type == "cuda" else "activations saved for backward"
     print(f"\nper method at batch 64 ({model}; teacher methods use a teacher of the same architecture); "
           f"memory = {memory_kind}")
-    print(tabulate(rows, headers=["method", "images/step", "step time / hard", "memory / hard", "spec cost", ""]))
+    print(tabulate(rows, headers=["method", "images/step", "step time / hard", "memory / hard", "predicted cost", ""]))
     out["methods"] = per_method
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

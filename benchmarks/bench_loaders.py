@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from tabulate import tabulate
 
-from .data.beton import load_betons, require_ffcv, write_betons
-from .data.folder_loader import FolderLoader
-from .data.folders import read_class_folders
-from .method import Needs
+from ipsd.data.beton import load_betons, require_ffcv, write_betons
+from ipsd.data.folder_loader import FolderLoader
+from ipsd.data.folders import read_class_folders
+from ipsd.data.batch import Needs
 
 WIDTH, HEIGHT, CLASSES = 500, 375, 10
 
@@ -62,7 +62,7 @@ def _rates(loader, epoch: int) -> tuple[float, float]:
 def bench_file_loaders(images: int = 2000, workers: int = 2, batch: int = 64, json_path: str | None = None,
                        folder: str | None = None) -> dict[str, Any]:
     require_ffcv()
-    from .data.ffcv_loader import FfcvLoader
+    from ipsd.data.ffcv_loader import FfcvLoader
 
     batch = min(batch, images)
 

@@ -1,0 +1,1 @@
+"""Evaluation metrics on a trained model's outputs: safety and calibration, white-box attacks."""
