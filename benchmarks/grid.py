@@ -34,13 +34,14 @@ class PaperRef:
     mean: str = "top1_mean"
     std: str | None = "top1_std"
     train_mean: str | None = None  # the CSV column of the paper's train accuracy (metric "train"), if it has one
+    n: int = 3  # runs behind each published mean (the IPS paper: mean ± std of 3 runs), for the Welch test
 
 
 @dataclass
 class Table:
     name: str
     title: str
-    paper: PaperRef
+    paper: PaperRef | None  # None: a table with no published counterpart (rendered without paper values)
     seeds: int
     base: dict[str, Any]
     rows: dict[str, dict[str, Any]]
@@ -117,7 +118,7 @@ def load_table(path: str | Path, profile: str = "full", overrides: list[str] = (
     if seeds < 1:
         raise ConfigError(f"{path}: seeds must be >= 1")
     return Table(name=raw.get("name", Path(path).stem), title=raw.get("title", ""),
-                 paper=build(PaperRef, raw["paper"], "paper."), seeds=seeds, base=base, rows=rows,
+                 paper=build(PaperRef, raw["paper"], "paper.") if raw.get("paper") else None, seeds=seeds, base=base, rows=rows,
                  columns=columns, skip=skip, profile=profile)
 
 

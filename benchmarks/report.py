@@ -17,6 +17,7 @@ Usage: ``python -m benchmarks.report benchmarks/table3.yaml --profile smoke [--f
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +26,12 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.grid import PlannedRun, Table, expand, load_table, paper_key
+from benchmarks.stats import MARK, Diff, Summary, welch
 from ipsd.config import ConfigError
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
-METRICS = ("last", "best")
+METRICS = ("last", "best", "train")
+METRIC_COLUMN = {"last": "top1_last", "best": "top1_best", "train": "train_top1"}
 FORMATS = ("md", "csv", "tex")
 DASH = "–"
 REFERENCE_ROW = "Hard Label"
@@ -36,14 +39,16 @@ REFERENCE_ROW = "Hard Label"
 RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
                "top5_best", "best_epoch", "train_top1", "images_per_step", "wall_seconds", "world_size", "device_hours",
                "device", "folder"]
-SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "paper_mean",
+SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "se", "train_top1",
+                   "paper_mean",
                    "paper_std", "delta", "images_per_step", "device_hours", "devices"]
 
 
 def metric_label(metric: str) -> str:
     """How the metric is named in every output; best-epoch always carries its caveat."""
     _check_choice("metric", metric, METRICS)
-    return "last-epoch top-1 (%)" if metric == "last" else "best epoch (selected on the test set) top-1 (%)"
+    return {"last": "last-epoch test top-1 (%)", "best": "best epoch (selected on the test set) test top-1 (%)",
+            "train": "train top-1 (%), clean pass over the training set after the last epoch"}[metric]
 
 
 def _check_choice(what: str, value: str, allowed: Sequence[str]) -> None:
@@ -100,13 +105,17 @@ def _label(values: pd.DataFrame, spec: str | list[str]) -> list[str]:
     return [" / ".join(str(v).strip() for v in vals) for vals in zip(*(values[c] for c in cols))]
 
 
-def paper_values(table: Table) -> dict[tuple[str, str], tuple[float, float | None]]:
+def paper_values(table: Table, metric: str = "last") -> dict[tuple[str, str], tuple[float, float | None]]:
     """(row label, column label) of the table -> the paper's (mean, std); std None when the paper gives none.
 
     Labels are matched through ``paper_key`` (column or row spec key; defaults to the label). Cells the
     CSV lacks, or whose mean is empty, are absent: a missing paper number is never a zero.
     """
     ref = table.paper
+    if ref is None or (metric == "train" and ref.train_mean is None):
+        return {}
+    if metric == "train":
+        ref = dataclasses.replace(ref, mean=ref.train_mean, std=None)
     path = _paper_path(ref.file)
     if not path.is_file():
         raise ConfigError(f"{table.name}: paper.file {ref.file!r} not found at {path}; "
@@ -131,6 +140,8 @@ def paper_values(table: Table) -> dict[tuple[str, str], tuple[float, float | Non
         found.setdefault(key, []).append(i)
     out: dict[tuple[str, str], tuple[float, float | None]] = {}
     for row in table.rows:
+        if (table.rows[row] or {}).get("control"):
+            continue  # a control row has no published counterpart
         rkey = str((table.rows[row] or {}).get("paper_key", row))
         for column in table.columns:
             key = (rkey, str(paper_key(table, column)))
@@ -153,8 +164,8 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
     delta = ours - paper, NaN when either is missing. device_hours sums the cell's finished runs.
     """
     _check_choice("metric", metric, METRICS)
-    col = "top1_last" if metric == "last" else "top1_best"
-    paper = paper_values(table)
+    col = METRIC_COLUMN[metric]
+    paper = paper_values(table, metric)
     out = []
     for row in table.rows:
         for column in table.columns:
@@ -169,6 +180,8 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
             out.append({
                 "row": row, "column": column, "metric": metric, "skipped": skipped, "n_done": n,
                 "n_expected": 0 if skipped else table.seeds, "mean": mean, "std": std,
+                "se": std / math.sqrt(n) if n >= 2 else math.nan,
+                "train_top1": float(cell["train_top1"].dropna().mean()) if cell["train_top1"].notna().any() else math.nan,
                 "paper_mean": pm, "paper_std": math.nan if ps is None else ps, "delta": mean - pm,
                 "images_per_step": float(ips.iloc[0]) if len(ips) and ips.nunique() == 1 else
                 (float(ips.mean()) if len(ips) else math.nan),
@@ -176,6 +189,72 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
                 "devices": ", ".join(sorted(set(cell["device"].dropna()))),
             })
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------- differences
+COMPARISON_COLUMNS = ["column", "row", "against", "diff", "lo", "hi", "p", "holds", "paper_against", "paper_diff",
+                      "paper_lo", "paper_hi", "paper_p", "paper_holds"]
+
+
+def _is_control(table: Table, row: str) -> bool:
+    return bool((table.rows[row] or {}).get("control"))
+
+
+def _ips_rows(table: Table) -> list[str]:
+    return [r for r, spec in table.rows.items() if (spec or {}).get("method") == "ips" and not _is_control(table, r)]
+
+
+def comparisons(table: Table, summary: pd.DataFrame) -> pd.DataFrame:
+    """Which differences hold, per column: every row against the reference row (Hard Label), and each IPS row
+    against the best other method (controls excluded). Ours use the finished seeds; the paper's use its published
+    mean, SD and n (``paper.n``) through the same Welch test, against the paper's own best other method."""
+    by = {(s["row"], s["column"]): s for s in summary.to_dict("records")}
+    ref, ips = _reference_row(table), _ips_rows(table)
+    n_paper = table.paper.n if table.paper else 0
+
+    def ours(row: str, col: str) -> Summary:
+        s = by[(row, col)]
+        return Summary(int(s["n_done"]), s["mean"], s["std"])
+
+    def paper(row: str, col: str) -> Summary:
+        s = by[(row, col)]
+        return Summary(n_paper if not math.isnan(s["paper_mean"]) else 0, s["paper_mean"], s["paper_std"])
+
+    def best(col: str, pick, candidates: list[str]) -> str | None:
+        scored = [(pick(r, col).mean, r) for r in candidates if not math.isnan(pick(r, col).mean)]
+        return max(scored)[1] if scored else None
+
+    out = []
+    for col in table.columns:
+        live = [r for r in table.rows if (r, col) not in table.skip]
+        pairs = [(r, ref, ref) for r in live if ref and r != ref]
+        others = [r for r in live if r not in ips and not _is_control(table, r) and r != ref]
+        pairs += [(r, best(col, ours, others), best(col, paper, others)) for r in ips if r in live]
+        for row, against, paper_against in pairs:
+            d = welch(ours(row, col), ours(against, col)) if against else Diff(*[math.nan] * 5)
+            pd_ = welch(paper(row, col), paper(paper_against, col)) if paper_against else Diff(*[math.nan] * 5)
+            out.append({"column": col, "row": row, "against": against or DASH, "diff": d.diff, "lo": d.lo,
+                        "hi": d.hi, "p": d.p, "holds": d.holds, "paper_against": paper_against or DASH,
+                        "paper_diff": pd_.diff, "paper_lo": pd_.lo, "paper_hi": pd_.hi, "paper_p": pd_.p,
+                        "paper_holds": pd_.holds})
+    return pd.DataFrame(out, columns=COMPARISON_COLUMNS)
+
+
+def _diff_text(diff: float, lo: float, hi: float, holds: bool, minus: str) -> str:
+    if math.isnan(diff):
+        return DASH
+    sign = lambda x: f"{round(x, 2) + 0.0:+.2f}".replace("-", minus)  # noqa: E731 -- never "-0.00"
+    ci = f" [{sign(lo)}, {sign(hi)}]" if not math.isnan(lo) else " (n < 2: no interval)"
+    return sign(diff) + ci + (MARK if holds else "")
+
+
+def _differences_md(comp: pd.DataFrame) -> str:
+    lines = [["column", "row", "ours: against", "ours: diff [95% CI]", "paper: against", "paper: diff [95% CI]"]]
+    for c in comp.to_dict("records"):
+        lines.append([c["column"], c["row"], c["against"], _diff_text(c["diff"], c["lo"], c["hi"], c["holds"], "-"),
+                      c["paper_against"], _diff_text(c["paper_diff"], c["paper_lo"], c["paper_hi"],
+                                                     c["paper_holds"], "-")])
+    return _md(lines)
 
 
 # -------------------------------------------------------------------------------------------------- render
@@ -191,11 +270,12 @@ def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str) -> str:
         ours = dash
     else:
         ours = _fmt(s["mean"]) + (f" {pm_sym} {_fmt(s['std'])}" if s["n_done"] >= 2 else "")
+        ours += MARK if s.get("holds") is True else ""
         if s["n_done"] < s["n_expected"]:
             ours += f" [{s['n_done']}/{s['n_expected']}]"
     if math.isnan(s["paper_mean"]):
         return ours
-    paper = f"paper {_fmt(s['paper_mean'])}"
+    paper = f"paper {_fmt(s['paper_mean'])}" + (MARK if s.get("paper_holds") is True else "")
     if not math.isnan(s["delta"]):
         d = f"{round(s['delta'], 2) + 0.0:+.2f}"  # never "-0.00"
         paper += ", " + (d.replace("-", minus, 1) if d.startswith("-") else d)
@@ -213,13 +293,21 @@ def _row_extras(summary: pd.DataFrame, row: str) -> tuple[str, str]:
 
 
 def _grid(table: Table, summary: pd.DataFrame, pm_sym: str, minus: str, dash: str) -> list[list[str]]:
-    """The pretty layout as text cells: header then one line per table row, YAML order."""
+    """The pretty layout as text cells: header then one line per table row, YAML order. A cell whose difference
+    from the reference row holds (Welch 95%) carries the mark, ours after our mean, the paper's after its value."""
     by_cell = {(r, c): s for (r, c), s in zip(zip(summary["row"], summary["column"]), summary.to_dict("records"))}
-    lines = [["Method", *table.columns, "images/step", "device-h"]]
+    ref = _reference_row(table)
+    for c in comparisons(table, summary).to_dict("records"):
+        if c["against"] == ref:
+            by_cell[(c["row"], c["column"])] = {**by_cell[(c["row"], c["column"])], "holds": c["holds"],
+                                                "paper_holds": c["paper_holds"]}
+    lines = [["Method", *table.columns, "train top-1", "images/step", "device-h"]]
     for row in table.rows:
         cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash) for c in table.columns]
         ips, hours = _row_extras(summary, row)
-        lines.append([row, *cells, ips, hours.replace(DASH, dash)])
+        label = f"{row} (control)" if _is_control(table, row) else row
+        train = [_fmt(v) for v in summary[(summary["row"] == row)]["train_top1"] if not math.isnan(v)]
+        lines.append([label, *cells, "/".join(train) or dash, ips, hours.replace(DASH, dash)])
     return lines
 
 
@@ -235,6 +323,12 @@ def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
         "(paper mean, ours − paper).",
         "images/step = images per optimizer step (pair/two-view methods see more); device-h = wall time x "
         "world size summed over the row's finished runs." + (f" Devices: {', '.join(devices)}." if devices else ""),
+        "train top-1 = clean pass over the training set after the last epoch (mean over seeds, per column): "
+        "whether the model memorises its data, the paper's regime. (control) = a row the paper lacks, for a "
+        "compute-matched comparison.",
+        f"Differences: Welch 95% confidence interval of the difference of means; {MARK} = the interval excludes 0. "
+        "The paper's own differences use its published mean, SD and n = "
+        f"{table.paper.n if table.paper else 0} through the same test.",
     ]
 
 
@@ -264,7 +358,7 @@ def _tex(table: Table, summary: pd.DataFrame, metric: str) -> str:
     fix = lambda s: (_tex_escape(s).replace("PMSYM", r"$\pm$").replace("MINUSSYM", "$-$")  # noqa: E731
                      .replace("DASHSYM", "--").replace("±", r"$\pm$").replace("−", "$-$").replace(DASH, "--"))
     body = [" & ".join(fix(c) for c in l) + r" \\" for l in lines]
-    spec = "l" + "c" * len(table.columns) + "rr"
+    spec = "l" + "c" * len(table.columns) + "rrr"
     out = [f"% {_title(table, metric)}", *(f"% {n}" for n in _notes(table, summary)),
            rf"\begin{{tabular}}{{{spec}}}", r"\hline", body[0], r"\hline", *body[1:], r"\hline", r"\end{tabular}"]
     return "\n".join(out)
@@ -300,7 +394,9 @@ def render(table: Table, summary: pd.DataFrame, fmt: str = "md", metric: str | N
     if fmt == "tex":
         return _tex(table, summary, metric) + "\n"
     lines = _grid(table, summary, "±", "-", DASH)
-    return "\n".join([f"### {_title(table, metric)}", "", _md(lines), "", *_notes(table, summary)]) + "\n"
+    comp = comparisons(table, summary)
+    diffs = ["", "#### Differences (Welch 95% CI)", "", _differences_md(comp)] if len(comp) else []
+    return "\n".join([f"### {_title(table, metric)}", "", _md(lines), *diffs, "", *_notes(table, summary)]) + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- figure
@@ -342,8 +438,8 @@ def figure(table: Table, summary: pd.DataFrame, path: str | Path) -> Path:
         for c in cols:
             m, p, sd, _ = get.get((row, c), (math.nan,) * 4)
             if ref:
-                rm, rp, _, _ = get.get((ref, c), (math.nan,) * 4)
-                m, p, sd = m - rm, p - rp, math.nan
+                rm, rp, rsd, _ = get.get((ref, c), (math.nan,) * 4)
+                m, p, sd = m - rm, p - rp, math.hypot(sd, rsd)  # SD of a difference of independent means' seeds
             ours.append(m)
             theirs.append(p)
             err.append(sd)
@@ -352,7 +448,7 @@ def figure(table: Table, summary: pd.DataFrame, path: str | Path) -> Path:
             xs = [k + (2 * i + j) * width - 0.4 + width / 2 for k in range(len(cols))]
             keep = [k for k, v in enumerate(vals) if not math.isnan(v)]
             yerr = None
-            if kind == "ours" and not ref and any(not math.isnan(err[k]) for k in keep):
+            if kind == "ours" and any(not math.isnan(err[k]) for k in keep):
                 yerr = [0.0 if math.isnan(err[k]) else err[k] for k in keep]
             ax.bar([xs[k] for k in keep], [vals[k] for k in keep], width, yerr=yerr, color=color,
                    alpha=1.0 if kind == "ours" else 0.45, hatch=None if kind == "ours" else "//",
@@ -394,9 +490,12 @@ def report(path: str | Path, profile: str = "full", overrides: Sequence[str] = (
     text = render(table, summary, fmt, metric)
     out = Path(planned[0].cfg.out) if planned else Path(str(table.base.get("out", "runs")))
     fig_dir = Path(figure_dir) if figure_dir is not None else out / "reports"
-    png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}.png")
+    png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}-{metric}.png")
+    done = int(summary["n_done"].sum())
+    read = f"Records: {done} finished run(s) of this table read from {out}." if done else \
+        f"Records: no runs yet in {out} (run `ipsd sweep {path} --profile {table.profile}` first)."
     if fmt == "md":
-        text += f"\nFigure: {png}\n"
+        text += f"\n{read}\nFigure: {png}\n"
     elif fmt == "tex":
-        text += f"% figure: {png}\n"
+        text += f"% {read}\n% figure: {png}\n"
     return text

@@ -1,4 +1,4 @@
-"""Command line: ``ipsd train | demo | bench | sweep | report | teacher | data | list``.
+"""Command line: ``ipsd train | demo | bench | sweep | report | teacher | data | regress | list``.
 
 Each command imports what it needs when it runs, so commands that only read records or configs
 (``teacher list``) start without loading torch.
@@ -54,7 +54,7 @@ def _sweep(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from benchmarks.report import report
 
-    print(report(args.config, args.profile, args.overrides, args.format, "best" if args.best else "last"))
+    print(report(args.config, args.profile, args.overrides, args.format, args.metric))
 
 
 def _teacher(args: argparse.Namespace) -> None:
@@ -93,6 +93,18 @@ def _data(args: argparse.Namespace) -> None:
     sizes = {split: (folder / f"{split}.beton").stat().st_size / 2**20 for split in ("train", "test")}
     print(f"{cfg.dataset}: {len(data.train_paths)} train ({sizes['train']:.1f} MiB) and {len(data.test_paths)} test "
           f"({sizes['test']:.1f} MiB) images written to {folder} in {time.perf_counter() - start:.1f} s")
+
+
+def _regress(args: argparse.Namespace) -> None:
+    from .config import apply_overrides
+    from .regress import main
+
+    names = [m for m in args.methods or [] if "=" not in m]  # key=value after --methods belongs to the overrides
+    values = apply_overrides({}, [*args.overrides, *(m for m in args.methods or [] if "=" in m)])
+    unknown = sorted(set(values) - {"data_root"})
+    if unknown:
+        raise ConfigError(f"regress: the gate's runs are fixed; only data_root= may be set, not {', '.join(unknown)}")
+    main(names or None, values.get("data_root"), args.update)
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -153,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="table YAML")
     p.add_argument("--profile", default="full")
     p.add_argument("--format", default="md", choices=("md", "csv", "tex"))
-    p.add_argument("--best", action="store_true", help="best epoch (selected on the test set) instead of the last")
+    p.add_argument("--metric", default="last", choices=("last", "best", "train"),
+                   help="last-epoch test top-1 (default) | best epoch, selected on the test set | train top-1 (a clean "
+                        "pass over the training set after the last epoch)")
     p.add_argument("overrides", nargs="*", help="the same key=value overrides the sweep used (e.g. out=...)")
     p.set_defaults(func=_report)
 
@@ -172,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=-1, help="writer processes (-1 = all cores)")
     p.add_argument("overrides", nargs="*", help="dataset=imagenet|cub200|dogs|folders data_root=DIR [ffcv_dir=DIR]")
     p.set_defaults(func=_data)
+
+    p = sub.add_parser("regress", help="CI regression gate: recompute every method's tiny fixed run and compare it "
+                                       "with its golden in results/regress/ (exit 1 on any move beyond tolerance)")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="entries (e.g. ips-constant) or methods (all their entries); default: all")
+    p.add_argument("--update", action="store_true", help="rewrite the goldens and print what changed")
+    p.add_argument("overrides", nargs="*", help="data_root=DIR (default: $IPSD_DATA)")
+    p.set_defaults(func=_regress)
 
     p = sub.add_parser("list", help="registered methods, models and datasets")
     p.set_defaults(func=_list)

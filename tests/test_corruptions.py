@@ -58,6 +58,14 @@ def test_an_image_alone_equals_it_in_a_batch(name):
     np.testing.assert_array_equal(corrupt(x[order], name, 3, [idx[i] for i in order]), batch[order])
 
 
+def test_chunking_does_not_change_the_result(monkeypatch):
+    x = images(5, seed=5)
+    whole = {name: corrupt(x, name, 2) for name in RANDOMISED}
+    monkeypatch.setattr(C, "CHUNK", 2)
+    for name in RANDOMISED:
+        np.testing.assert_array_equal(corrupt(x, name, 2), whole[name])
+
+
 @pytest.mark.parametrize("name", CORRUPTIONS)
 def test_randomness_follows_the_image_index(name):
     x = np.repeat(images(1, seed=2), 2, axis=0)
@@ -236,6 +244,18 @@ def test_plasma_fractal_spans_zero_to_one_and_smooths_with_decay():
     assert rough[3.0] < rough[1.75]  # faster decay: less fine-scale noise
 
 
+def test_warp_affine_moves_points_by_the_map():
+    src = np.array([[26.0, 26.0], [26.0, 6.0], [6.0, 6.0]])  # (x, y)
+    img = np.zeros((32, 32, 2), dtype=np.float32)
+    img[10, 5] = 1.0  # x = 5, y = 10
+    shifted = C.warp_affine(img, src, src + [3.0, 0.0])  # 3 pixels along x (columns)
+    np.testing.assert_array_equal(np.argwhere(shifted[..., 1] > 0.5), [[10, 8]])
+    sheared = C.warp_affine(img, src, np.c_[src[:, 0], src[:, 1] + 0.4 * src[:, 0]])  # y' = y + 0.4 x
+    np.testing.assert_array_equal(np.argwhere(sheared[..., 0] > 0.5), [[12, 5]])
+    half = C.warp_affine(img, src, src + [0.5, 0.0])  # half a pixel: bilinear weights 1/2, 1/2
+    np.testing.assert_allclose(half[10, 5:7, 0], [0.5, 0.5])
+
+
 def test_elastic_transform_resamples_within_the_input_range():
     x = images(4, lo=30, hi=220)
     for s in range(1, 6):
@@ -333,6 +353,8 @@ def test_load_or_make_prefers_official_files(tmp_path):
     assert not (tmp_path / "cifar10-c-generated").exists()
     np.testing.assert_array_equal(load_or_make(tmp_path, "cifar10", "snow", 5, x, prefer_official=False),
                                   corrupt(x, "snow", 5))
+    with pytest.raises(CorruptionDataError, match=r"snow\.npy has uint8 \(20, 32, 32, 3\), expected uint8 \(15"):
+        load_or_make(tmp_path, "cifar10", "snow", 5, x[:3])  # 3 clean images cannot match 4 per severity
 
 
 # ------------------------------------------------------------------------------------------- real data

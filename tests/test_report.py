@@ -159,16 +159,18 @@ def test_render_markdown(tiny):
     lines = text.splitlines()
     assert "Tiny table" in lines[0] and "tiny" in lines[0] and "profile full" in lines[0]
     assert "last-epoch" in lines[0] and "best" not in lines[0]
-    rows = [l for l in lines if l.startswith("|")]
+    first = lines.index("#### Differences (Welch 95% CI)")  # the main table ends where the differences start
+    rows = [l for l in lines[:first] if l.startswith("|")]
     header = [c.strip() for c in rows[0].strip("|").split("|")]
-    assert header == ["Method", "ResNet8", "ResNet20", "images/step", "device-h"]
+    assert header == ["Method", "ResNet8", "ResNet20", "train top-1", "images/step", "device-h"]
     body = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[2:]}
     assert list(body) == ["Hard Label", "IPS", "IPS 2x2"]
     assert body["Hard Label"] == ["72.00 ± 2.00 (paper 71.50, +0.50)", "62.00 ± 2.65 (paper 63.00, -1.00)",
-                                  "64", "0.60"]  # 6 runs x 360 s x 1 device
-    assert body["IPS"][0] == "76.00 ± 1.41 [2/3] (paper 74.00, +2.00)"
+                                  "–", "64", "0.60"]  # no train accuracy recorded; 6 runs x 360 s x 1 device
+    # the paper's own IPS - Hard difference holds at n = 3 (marked); ours at n = 2 vs 3 does not
+    assert body["IPS"][0] == "76.00 ± 1.41 [2/3] (paper 74.00*, +2.00)"
     assert body["IPS"][1].startswith("–") and "paper 66.00" in body["IPS"][1]
-    assert body["IPS"][2:] == ["128", "0.40"]  # 2 runs x 360 s x 2 devices
+    assert body["IPS"][2:] == ["–", "128", "0.40"]  # 2 runs x 360 s x 2 devices
     assert body["IPS 2x2"][:2] == ["73.00 ± 0.00", "n/a"]
 
 
@@ -199,7 +201,7 @@ def test_render_tex_is_a_tabular(tiny):
     table, _, _ = tiny
     tex = render(table, summarize(table, collect(table)), "tex", "last")
     body = [l for l in tex.splitlines() if not l.startswith("%")]
-    assert body[0] == r"\begin{tabular}{lccrr}" and body[-1] == r"\end{tabular}"
+    assert body[0] == r"\begin{tabular}{lccrrr}" and body[-1] == r"\end{tabular}"
     assert r"72.00 $\pm$ 2.00 (paper 71.50, +0.50)" in tex
     assert r"62.00 $\pm$ 2.65 (paper 63.00, $-$1.00)" in tex
     assert "[2/3]" in tex and "n/a" in tex and "±" not in "\n".join(body)
@@ -263,13 +265,15 @@ def test_figure_gain_and_absolute(tiny, tmp_path):
 def test_report_end_to_end(tiny, tmp_path):
     _, _, root = tiny
     text = report(root / "tiny.yaml", figure_dir=tmp_path / "figs")
-    png = tmp_path / "figs" / "tiny-full.png"
+    png = tmp_path / "figs" / "tiny-full-last.png"
     assert str(png) in text and _is_png(png)
     assert "72.00 ± 2.00 (paper 71.50, +0.50)" in text
     best = report(root / "tiny.yaml", metric="best", figure_dir=tmp_path / "figs")
     assert "best epoch (selected on the test set)" in best
+    assert _is_png(tmp_path / "figs" / "tiny-full-best.png") and _is_png(png)  # one figure per metric, none overwritten
+    assert f"11 finished run(s) of this table read from {root / 'runs'}" in text
     tex = report(root / "tiny.yaml", fmt="tex")  # default figure folder: <out>/reports
-    assert _is_png(root / "runs" / "reports" / "tiny-full.png") and r"\begin{tabular}" in tex
+    assert _is_png(root / "runs" / "reports" / "tiny-full-last.png") and r"\begin{tabular}" in tex
     with pytest.raises(ValueError, match="fmt"):
         report(root / "tiny.yaml", fmt="html")
 
@@ -316,3 +320,39 @@ def test_paper_values_real_table2_without_std(tmp_path):
         "columns: {ResNet50: {model: resnet18}}\n")
     vals = paper_values(load_table(tmp_path / "t2.yaml"))
     assert vals == {("Hard Label", "ResNet50"): (76.30, None)}  # KD's value is missing in the paper
+
+
+def test_differences_are_welch_intervals_of_the_records_and_of_the_paper(tiny):
+    """IPS vs Hard Label on ResNet8, worked by hand from LAST and PAPER_CSV.
+
+    Ours: IPS [75, 77] (n 2, mean 76, var 2), Hard [70, 72, 74] (n 3, mean 72, var 4). diff = 4;
+    v = 2/2 + 4/3 = 7/3; df = v^2 / ((1)^2/1 + (4/3)^2/2) = (49/9) / (1 + 8/9) = 49/17; half-width = t(0.975, 49/17)*sqrt(v).
+    Paper (n = 3): IPS 74.00 ± 0.10, Hard 71.50 ± 0.30: diff 2.5, v = (0.01 + 0.09)/3 = 1/30,
+    df = v^2 / ((0.01/3)^2/2 + (0.09/3)^2/2) = (1/900) / (0.0001/18 + 0.0081/18) = 18/(900*0.0082).
+    """
+    from scipy.stats import t
+
+    from benchmarks.report import comparisons
+
+    table, planned, _ = tiny
+    comp = comparisons(table, summarize(table, collect(table, planned)))
+    c = comp[(comp["column"] == "ResNet8") & (comp["row"] == "IPS") & (comp["against"] == "Hard Label")].iloc[0]
+    half = t.ppf(0.975, 49 / 17) * math.sqrt(7 / 3)
+    assert c["diff"] == pytest.approx(4.0) and c["lo"] == pytest.approx(4 - half) and c["hi"] == pytest.approx(4 + half)
+    assert c["holds"] == (4 - half > 0)
+    half_p = t.ppf(0.975, 18 / (900 * 0.0082)) * math.sqrt(1 / 30)
+    assert c["paper_diff"] == pytest.approx(2.5)
+    assert c["paper_lo"] == pytest.approx(2.5 - half_p) and c["paper_hi"] == pytest.approx(2.5 + half_p)
+    assert bool(c["paper_holds"]) is True  # 2.5 - 1.1 > 0: the hand interval excludes 0
+    # IPS against the best other method: among the non-IPS, non-reference rows there is none here
+    best = comp[(comp["row"] == "IPS") & (comp["against"] != "Hard Label")]
+    assert set(best["against"]) == {"–"}
+
+
+def test_report_marks_held_differences_and_lists_them(tiny):
+    table, planned, root = tiny
+    text = render(table, summarize(table, collect(table, planned)), "md")
+    assert "#### Differences (Welch 95% CI)" in text
+    # IPS 2x2 vs Hard Label on ResNet8: 73 (sd 0, n 3) vs 72 (sd 2, n 3): diff 1, df = 2, half = 4.303*2/sqrt(3)
+    line = next(l for l in text.splitlines() if l.startswith("| ResNet8") and "IPS 2x2" in l)
+    assert "+1.00 [-3.97, +5.97]" in line and "*" not in line

@@ -133,7 +133,7 @@ def test_table3_smoke_sweep_then_report(cifar10_root, tmp_path):
         assert row in text
     body = [line for line in text.splitlines() if line.startswith("| ")][1:]  # the table's rows, header dropped
     assert len(body) == 10 and not any("[1/2]" in line or "| –" in line for line in body), text
-    assert (tmp_path / "reports" / "table3-smoke.png").exists()
+    assert (tmp_path / "reports" / "table3-smoke-last.png").exists()
 
 
 def test_sweep_trains_a_missing_teacher_first(tmp_path, capsys):

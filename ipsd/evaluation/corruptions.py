@@ -15,15 +15,15 @@ Differences from the reference generator, which needs ImageMagick and six frost 
 * motion_blur and snow's streaks: ImageMagick's motion blur re-implemented with numpy (same one-sided
   tap layout, Gaussian tap weights, kernel width ``2*ceil(radius)+1``, rounding of tap offsets and
   edge-clamped borders); ImageMagick's 16-bit internal quantum is not modelled.
-* frost: a procedural ice-crystal layer instead of a crop of a photograph. Small branched crystals (a
-  stem with side branches at +-60 degrees) are drawn on a 160x160 canvas and sampled every 5th pixel, as the
-  reference samples its photographs (a 0.2x bilinear resize, then a 32x32 crop); a smooth field adds
-  the photographs' slow tone changes. Each image draws one of five tint profiles, one per photograph
-  the reference draws from (frost1-frost5; frost6 is never drawn there), whose crop mean, crop-to-crop
-  spread, within-crop spread, smooth-variance share and crystal polarity were measured on those
-  photographs resized and cropped the reference's way. The blend weights are the reference's.
+* frost: a procedural ice-crystal layer instead of a crop of a photograph. Small branched crystals
+  (a stem with side branches at +-60 degrees) are drawn on a 160x160 canvas and sampled every 5th pixel,
+  as the reference samples its photographs (a 0.2x bilinear resize, then a 32x32 crop); a smooth field
+  adds the photographs' slow tone changes. Each image draws one of five tint profiles, one per
+  photograph the reference draws from (frost1-frost5; frost6 is never drawn there), whose crop mean,
+  crop-to-crop spread, within-crop spread, smooth-variance share and crystal polarity were measured on
+  those photographs resized and cropped the reference's way. The blend weights are the reference's.
 * random numbers come from numpy's PCG64 generators, so no image equals its official counterpart
-  pixel for pixel; the distributions are the reference's.
+  pixel for pixel; apart from frost, the random draws follow the reference's distributions.
 * elastic_transform's affine warp is scipy's bilinear resampling, where the reference uses OpenCV's
   ``warpAffine`` (which rounds sample positions to 1/32 pixel).
 """
@@ -50,6 +50,7 @@ SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 IMAGE_SIZE = 32
 # Bumped whenever a corruption's output changes; a cache made by another version is refused.
 GENERATOR_VERSION = 1
+CHUNK = 1000  # images corrupted at a time
 
 OFFICIAL_DIRS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 OFFICIAL_PER_SEVERITY = 10_000  # rows per severity in an official <name>.npy (the CIFAR test set)
@@ -168,35 +169,49 @@ def _centre_zoom(layer: np.ndarray, factor: float) -> np.ndarray:
     return zoomed[trim:trim + h, trim:trim + h]
 
 
-def plasma_fractal(rng: np.random.Generator, size: int = IMAGE_SIZE, decay: float = 3.0) -> np.ndarray:
-    """Diamond-square height map on a torus, rescaled to [0, 1].
+def plasma_fractals(unit_noise: np.ndarray, size: int = IMAGE_SIZE, decay: float = 3.0) -> np.ndarray:
+    """Diamond-square height maps on a torus, (N, size, size), each rescaled to [0, 1].
 
     Each new point is the mean of its four neighbours at the current half-step plus noise uniform in
     (-a^2, a^2); a starts at 100 and is divided by ``decay`` per level (the reference's fog fractal).
+    ``unit_noise`` (N, size*size - 1), uniform in (-1, 1), supplies the noise in the order the points
+    are set: per level the square centres, then the midpoints of horizontal edges, then of vertical ones.
     """
     if size & (size - 1):
         raise ValueError(f"plasma size must be a power of two, got {size}")
-    hmap = np.zeros((size, size))
-    step, amp = size, 100.0
+    n = unit_noise.shape[0]
+    hmap = np.zeros((n, size, size))
+    step, amp, used = size, 100.0, 0
+
+    def put(rows, cols, value):
+        nonlocal used
+        count = rows.size * cols.size
+        noise = unit_noise[:, used:used + count].reshape(n, rows.size, cols.size)
+        hmap[:, rows[:, None], cols[None, :]] = value / 4 + amp * amp * noise
+        used += count
+
     while step >= 2:
         half = step // 2
-        # centres of the step x step squares: mean of the four corners
-        r = np.arange(half, size, step)
-        rr, cc = np.meshgrid(r, r, indexing="ij")
-        corners = (hmap[(rr - half) % size, (cc - half) % size] + hmap[(rr - half) % size, (cc + half) % size]
-                   + hmap[(rr + half) % size, (cc - half) % size] + hmap[(rr + half) % size, (cc + half) % size])
-        hmap[rr, cc] = corners / 4 + rng.uniform(-amp * amp, amp * amp, rr.shape)
-        # edge midpoints: mean of the two corners and two centres at distance half
         on, off = np.arange(0, size, step), np.arange(half, size, step)
+        lo, hi = (off - half) % size, (off + half) % size  # the corners either side of a centre
+        # square centres: mean of the four corners
+        put(off, off, hmap[:, lo[:, None], lo[None, :]] + hmap[:, lo[:, None], hi[None, :]]
+            + hmap[:, hi[:, None], lo[None, :]] + hmap[:, hi[:, None], hi[None, :]])
+        # edge midpoints: mean of the two corners and the two centres at distance half
         for rows, cols in ((on, off), (off, on)):
-            rr, cc = np.meshgrid(rows, cols, indexing="ij")
-            around = (hmap[rr, (cc - half) % size] + hmap[rr, (cc + half) % size]
-                      + hmap[(rr - half) % size, cc] + hmap[(rr + half) % size, cc])
-            hmap[rr, cc] = around / 4 + rng.uniform(-amp * amp, amp * amp, rr.shape)
+            put(rows, cols, hmap[:, rows[:, None], ((cols - half) % size)[None, :]]
+                + hmap[:, rows[:, None], ((cols + half) % size)[None, :]]
+                + hmap[:, ((rows - half) % size)[:, None], cols[None, :]]
+                + hmap[:, ((rows + half) % size)[:, None], cols[None, :]])
         step //= 2
         amp /= decay
-    hmap -= hmap.min()
-    return hmap / hmap.max()
+    hmap -= hmap.min(axis=(1, 2), keepdims=True)
+    return hmap / hmap.max(axis=(1, 2), keepdims=True)
+
+
+def plasma_fractal(rng: np.random.Generator, size: int = IMAGE_SIZE, decay: float = 3.0) -> np.ndarray:
+    """One (size, size) fog fractal, its noise drawn from ``rng``."""
+    return plasma_fractals(rng.uniform(-1, 1, (1, size * size - 1)), size, decay)[0]
 
 
 def _standardise(a: np.ndarray) -> np.ndarray:
@@ -238,8 +253,8 @@ def ice_crystals(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray
     npts = np.ceil(sl / 0.5).astype(np.int64) + 1
     seg = np.repeat(np.arange(sx.size), npts)
     d = (np.arange(npts.sum()) - np.repeat(np.cumsum(npts) - npts, npts)) * 0.5
-    px = np.floor(sx[seg] + d * np.cos(st[seg])).astype(np.int64) % canvas_size
-    py = np.floor(sy[seg] + d * np.sin(st[seg])).astype(np.int64) % canvas_size
+    px = np.floor(sx[seg] + d * np.cos(st)[seg]).astype(np.int64) % canvas_size
+    py = np.floor(sy[seg] + d * np.sin(st)[seg]).astype(np.int64) % canvas_size
     canvas = np.bincount(py * canvas_size + px, weights=sw[seg] * 0.5,
                          minlength=canvas_size * canvas_size).reshape(canvas_size, canvas_size)
     canvas = ndimage.gaussian_filter(canvas, 0.6, mode="wrap")
@@ -248,7 +263,10 @@ def ice_crystals(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray
 
 
 def frost_layer(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A procedural frost crop: uint8 (size, size, 3), tinted like one of the reference's photographs."""
+    """A procedural frost crop: uint8 (size, size, 3), tinted like one of the reference's photographs.
+
+    The three channels share one luminance pattern (crystals plus the smooth field), scaled per channel.
+    """
     mean, spread, within, smooth_share, polarity = FROST_PROFILES[int(rng.integers(len(FROST_PROFILES)))]
     offset = rng.standard_normal()
     crystals = _standardise(ice_crystals(rng, size))
@@ -274,7 +292,8 @@ def _glass_blur(x: np.ndarray, rngs, severity: int) -> np.ndarray:
     # value at (h + dy, w + dx), dx, dy uniform in [-max_delta, max_delta), visiting h and w from
     # 32 - max_delta down to max_delta + 1. With max_delta = 1 every source lies at a position not yet
     # visited in the pass, so a pass is one gather from the pass's input.
-    assert max_delta == 1, "the single-gather pass below holds for max_delta = 1 (all CIFAR severities)"
+    if max_delta != 1:
+        raise NotImplementedError("the single-gather pass holds for max_delta = 1 (all CIFAR severities)")
     n, size = x.shape[0], x.shape[1]
     y = (_gaussian(x / 255.0, sigma) * 255).astype(np.uint8)
     span = np.arange(size - max_delta, max_delta, -1)  # visiting order of h and of w
@@ -342,7 +361,9 @@ def _fog(x: np.ndarray, rngs, severity: int) -> np.ndarray:
     strength, decay = FOG[severity - 1]
     img = x / 255.0
     peak = img.max(axis=(1, 2, 3), keepdims=True)
-    fractal = np.stack([plasma_fractal(g, x.shape[1], decay) for g in rngs])[..., None]
+    size = x.shape[1]
+    noise = np.stack([g.uniform(-1, 1, size * size - 1) for g in rngs])
+    fractal = plasma_fractals(noise, size, decay)[..., None]
     out = (img + strength * fractal) * peak / (peak + strength)
     return np.clip(out, 0, 1) * 255
 
@@ -366,10 +387,19 @@ def _contrast(x: np.ndarray, rngs, severity: int) -> np.ndarray:
     return np.clip((img - means) * c + means, 0, 1) * 255
 
 
-def _affine_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2x3 matrix A with A @ [x, y, 1] = dst for the three (x, y) points of src."""
-    design = np.hstack([src, np.ones((3, 1))])
-    return np.linalg.solve(design, dst).T
+def warp_affine(img: np.ndarray, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Warp an (H, W, C) image by the affine map taking the three (x, y) points ``src`` to ``dst``.
+
+    Output pixel p samples the input at the inverse map of p, bilinearly, borders reflected about the
+    edge pixels (OpenCV's warpAffine of getAffineTransform(src, dst) with BORDER_REFLECT_101).
+    """
+    design = np.hstack([np.asarray(src, np.float64), np.ones((3, 1))])
+    forward = np.vstack([np.linalg.solve(design, np.asarray(dst, np.float64)).T, [0, 0, 1]])
+    inverse = np.linalg.inv(forward)  # output (x, y) -> input (x, y)
+    matrix = np.eye(3)  # scipy indexes (row, col, channel) = (y, x, c)
+    matrix[:2, :2] = inverse[:2, :2][::-1, ::-1]
+    offset = np.array([inverse[1, 2], inverse[0, 2], 0.0])
+    return ndimage.affine_transform(img, matrix, offset=offset, order=1, mode="mirror")
 
 
 def _elastic_transform(x: np.ndarray, rngs, severity: int) -> np.ndarray:
@@ -383,14 +413,7 @@ def _elastic_transform(x: np.ndarray, rngs, severity: int) -> np.ndarray:
     out = np.empty(x.shape, dtype=np.float64)
     for i, g in enumerate(rngs):
         img = x[i].astype(np.float32) / 255.0
-        dst = src + g.uniform(-jitter, jitter, size=(3, 2)).astype(np.float32)
-        forward = np.vstack([_affine_from_points(src, dst), [0, 0, 1]])
-        inverse = np.linalg.inv(forward)  # output (x, y) -> input (x, y)
-        # scipy works in (row, col, channel); swap x and y in the matrix
-        matrix = np.eye(3)
-        matrix[:2, :2] = inverse[:2, :2][::-1, ::-1]
-        offset = np.array([inverse[1, 2], inverse[0, 2], 0.0])
-        warped = ndimage.affine_transform(img, matrix, offset=offset, order=1, mode="mirror")
+        warped = warp_affine(img, src, src + g.uniform(-jitter, jitter, size=(3, 2)).astype(np.float32))
         dx = ndimage.gaussian_filter(g.uniform(-1, 1, (h, w)), sigma, mode="reflect", truncate=3) * alpha
         dy = ndimage.gaussian_filter(g.uniform(-1, 1, (h, w)), sigma, mode="reflect", truncate=3) * alpha
         coords = np.stack([np.broadcast_to((rows + dy)[..., None], (h, w, ch)),
@@ -431,10 +454,12 @@ def corrupt(images_u8: np.ndarray, name: str, severity: int, indices: Sequence[i
     idx = np.arange(x.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
     if idx.shape != (x.shape[0],):
         raise ValueError(f"need one index per image: {x.shape[0]} images, {idx.size} indices")
-    if x.shape[0] == 0:
-        return x.copy()
-    out = _FUNCS[name](x, _generators(name, severity, idx), severity)
-    return out if out.dtype == np.uint8 else _truncate_u8(out)
+    out = np.empty_like(x)
+    for start in range(0, x.shape[0], CHUNK):  # bounds the float temporaries; images are independent
+        part = slice(start, start + CHUNK)
+        y = _FUNCS[name](x[part], _generators(name, severity, idx[part]), severity)
+        out[part] = y if y.dtype == np.uint8 else _truncate_u8(y)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ file access
@@ -553,7 +578,7 @@ def _read_manifest(path: Path) -> dict:
         return {"files": {}}
     try:
         manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("files"), dict):
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise ValueError("no 'files' table")
     except ValueError as e:
         raise CorruptionDataError(f"{path} is not a valid manifest ({e}); delete it and the .npy files "
@@ -573,7 +598,16 @@ def load_or_make(data_root: str | os.PathLike, dataset: str, name: str, severity
     """
     _check_name(name, severity)
     clean = np.asarray(test_images_u8)
-    if prefer_official and official_path(data_root, dataset, name) is not None:
+    official = official_path(data_root, dataset, name) if prefer_official else None
+    if official is not None:
+        try:
+            rows = np.load(official, mmap_mode="r", allow_pickle=False).shape[0]
+        except (OSError, ValueError, IndexError):
+            rows = None  # read_official names the problem
+        if rows == len(SEVERITIES) * OFFICIAL_PER_SEVERITY and clean.shape[0] != OFFICIAL_PER_SEVERITY:
+            raise CorruptionDataError(f"{official} holds {OFFICIAL_PER_SEVERITY} images per severity but "
+                                      f"{clean.shape[0]} clean images were given; pass the whole test set or "
+                                      f"prefer_official=False")
         images, _ = read_official(data_root, dataset, name, severity, per_severity=clean.shape[0])
         return images
     path = generated_path(data_root, dataset, name, severity)

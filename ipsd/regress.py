@@ -1,0 +1,437 @@
+"""The regression gate (``ipsd regress``): a fixed, tiny, deterministic run of every registered method, compared
+with its golden trajectory in ``results/regress/<entry>.json``.
+
+The run: resnet8 on real CIFAR-10, the first ``per_class=4`` train images of each class (40) in ONE batch of 40,
+so each of the ``epochs=8`` epochs is one optimizer step (the LR schedule, scaled to 8 epochs, decays after
+steps 5, 6, 7) and the record's per-epoch loss means are per-step
+values; seed 0, CPU, one torch thread. Teacher methods get a teacher trained the same way: the ``hard`` entry's
+run, passed as ``teacher=``. An entry is a method with fixed ``method_args``: every method's defaults, plus the
+options the paper tables and the flagged code/paper forms use (``ENTRY_OPTIONS``).
+
+A golden holds, per step, every loss term and every logged scalar of the record's ``curve`` (LR, p_r, ...,
+test/train accuracies), the final test top-1, and the final model + method state: its sha256 over the tensors'
+bytes in sorted key order, and each tensor's L2 norm. The gate recomputes each entry in a temporary folder and
+fails when any value moved by more than its tolerance (below: measured with ``benchmarks/regress_calibration.py``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, IpsdError
+from .registry import closest
+from .runs import RunFolder, atomic_write_json, cpu_model, read_json, versions
+
+GOLDEN_DIR = Path(__file__).resolve().parents[1] / "results" / "regress"
+GOLDEN_FORMAT = 1
+
+# The fixed run every entry trains (operational keys device/threads/progress included: they decide the numbers
+# bit for bit on CPU, see ipsd.engine.execution).
+BASE: dict[str, Any] = {"model": "resnet8", "dataset": "cifar10", "per_class": 4, "test_per_class": 10,
+                        "epochs": 8, "batch_size": 40, "seed": 0, "device": "cpu", "threads": 1, "progress": False}
+
+# Tolerances, between the noise floor and the smallest planted behaviour change (results/regress_noise.json,
+# written by `python -m benchmarks.regress_calibration`). Noise floor: the largest move of any value under changes
+# that are not behaviour changes (2 threads instead of 1, a mathematically equal KL, the loss terms summed in
+# reverse order, an AVX2-only kernel set standing in for another CPU): 2.6e-5 relative on loss terms, 6.2e-6
+# relative on weight norms, no accuracy moved. Smallest planted change: 2.1e-3 relative on a loss term.
+LOSS_RTOL = 2e-4  # loss terms and logged scalars: |now - golden| <= LOSS_RTOL * |golden|; ~8x the noise floor,
+#                   ~10x below the smallest planted change
+WEIGHTS_RTOL = 1e-4  # each state tensor's L2 norm, relative; ~16x the noise floor
+ACCURACY_ATOL = 1.0  # accuracies in points: one image of the 100-image test set (an image near a tie may flip
+#                      on another CPU: the discrete metrics are backstops, the loss terms are the fine check)
+ABS_FLOOR = 1e-12  # relative changes of values whose golden is ~0 (DLB's kd at step 1 is exactly 0) use this
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One golden: a registered method under fixed ``method_args``."""
+
+    name: str
+    method: str
+    method_args: dict[str, Any] = field(default_factory=dict)
+    why: str = ""
+
+    @property
+    def golden_path(self) -> Path:
+        return GOLDEN_DIR / f"{self.name}.json"
+
+    @property
+    def update_command(self) -> str:
+        return f"ipsd regress --methods {self.name} --update"
+
+
+# Options the paper tables (benchmarks/table*.yaml) and the baselines' flagged code/paper forms use, each its own
+# entry beside the method's defaults.
+ENTRY_OPTIONS: tuple[Entry, ...] = (
+    Entry("ips-constant", "ips", {"pr_schedule": "constant", "p_r": 0.5}, "Tables 1, 2, 15: constant p_r"),
+    Entry("ips-noswap", "ips", {"pr_schedule": "constant", "p_r": 0.0}, "Table 1: IPS without swap"),
+    Entry("ips-alpha0", "ips", {"alpha": 0.0}, "Tables 1, 3, 15 control: IPS without KD"),
+    Entry("ips-grid2", "ips", {"grid": 2, "pr_schedule": "constant", "p_r": 0.5}, "Table 2: 2x2 grid"),
+    Entry("cskd-lambda3", "cskd", {"lambda_cls": 3.0}, "Table 5: fine-grained lambda"),
+    Entry("dlb-paper", "dlb", {"form": "paper"}, "the paper's one-call form"),
+    Entry("tfkd_reg-paper", "tfkd_reg", {"form": "paper"}, "the paper's equation"),
+    Entry("ls-others", "ls", {"form": "others"}, "the TF-KD repository's smoothing"),
+    Entry("at-paper", "at", {"mode": "paper"}, "the paper's Eq. 2"),
+    Entry("byot-official_v1", "byot", {"form": "official_v1"}, "the official code's first version"),
+    Entry("byot-reimpl", "byot", {"form": "reimpl"}, "the re-implementation"),
+    Entry("crd-relax", "crd", {"mode": "relax"}, "same-class positive"),
+)
+TEACHER_ENTRY = "hard"  # its run is every teacher method's teacher
+
+
+class GateFailed(IpsdError):
+    """A recomputed trajectory left its golden's tolerance, or an entry has no golden."""
+
+
+def registered_methods() -> list[str]:
+    """The methods the gate covers: those the ``baselines`` package registers (tests may register others)."""
+    from .resolve import load_methods
+
+    reg = load_methods()
+    return [n for n in reg.names() if reg.get(n).__module__.startswith("baselines.")]
+
+
+def entries() -> list[Entry]:
+    """Every entry: each registered method with its defaults, then the options of ``ENTRY_OPTIONS``."""
+    methods = registered_methods()
+    return [Entry(m, m, {}, "defaults") for m in methods] + [e for e in ENTRY_OPTIONS if e.method in methods]
+
+
+def select(names: list[str] | None) -> list[Entry]:
+    """Entries named (an entry name, or a method name for all its entries); None: all."""
+    every = entries()
+    if not names:
+        return every
+    picked: list[Entry] = []
+    for name in names:
+        hits = [e for e in every if name in (e.name, e.method)]
+        if not hits:
+            raise ConfigError(f"--methods: no entry {name!r}; did you mean {closest(name, [e.name for e in every])}?")
+        picked += [e for e in hits if e not in picked]
+    return picked
+
+
+# ------------------------------------------------------------------------------------------------ computing
+
+def run_config(entry: Entry, out: Path, data_root: str | None, teacher: Path | None = None,
+               overrides: dict[str, Any] | None = None):
+    """The fixed run of ``entry`` (``overrides`` replace BASE keys: the calibration's 2-thread run)."""
+    from .config import RunConfig, build
+
+    values = {**BASE, **(overrides or {}), "method": entry.method, "method_args": dict(entry.method_args),
+              "data_root": data_root, "out": str(out)}
+    if teacher is not None:
+        values["teacher"] = str(teacher)
+    return build(RunConfig, values)
+
+
+def state_fingerprint(state: dict[str, Any]) -> dict[str, Any]:
+    """sha256 over every tensor's key, dtype, shape and bytes in sorted key order (other leaves by repr), and each
+    tensor's L2 norm (float64). Nested dicts (a method's extra state) are flattened to dotted keys."""
+    import torch
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = obj
+
+    walk("", state)
+    h = hashlib.sha256()
+    norms: dict[str, float] = {}
+    for key in sorted(flat):
+        v = flat[key]
+        h.update(key.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            norms[key] = float(t.double().norm())
+        else:
+            h.update(repr(v).encode())
+    return {"sha256": h.hexdigest(), "norms": norms}
+
+
+def series_of(curve: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Per-step series from a record's curve (one step per epoch): ``loss.<term>`` and every other numeric field
+    but ``epoch``; None where an epoch lacks the field (``train_top1`` exists after the last epoch only)."""
+    names: list[str] = []
+    rows: list[dict[str, float]] = []
+    for rec in curve:
+        row = {f"loss.{k}": float(v) for k, v in rec.get("loss", {}).items()}
+        row.update({k: float(v) for k, v in rec.items()
+                    if k not in ("epoch", "loss") and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        rows.append(row)
+        names += [k for k in row if k not in names]
+    return {n: [r.get(n) for r in rows] for n in sorted(names)}
+
+
+def trajectory(entry: Entry, run: Path) -> dict[str, Any]:
+    """What a finished run of ``entry`` computed, in the golden's layout (without the provenance)."""
+    folder = RunFolder(run)
+    rec = folder.read_result()
+    if rec is None:
+        raise IpsdError(f"{run}: the run of entry {entry.name} did not finish (no result.json)")
+    ckpt = folder.load_checkpoint()
+    return {"entry": entry.name, "method": entry.method, "method_args": rec.config.get("method_args", {}),
+            "series": series_of(rec.curve), "top1": rec.top1(),
+            "state": state_fingerprint({"model": ckpt["model"], "method": ckpt.get("method", {})})}
+
+
+def compute(selected: list[Entry], data_root: str | None, out: Path, overrides: dict[str, Any] | None = None,
+            on_done=None) -> dict[str, dict[str, Any]]:
+    """Train each entry's fixed run under ``out`` (the teacher first where one is needed) and return the
+    trajectories by entry name. The engine's per-epoch log is swallowed; the process's thread count is restored."""
+    import torch
+
+    from .engine import train
+
+    def quiet_train(cfg) -> Path:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return train(cfg)
+
+    threads = torch.get_num_threads()
+    teacher_entry = Entry(TEACHER_ENTRY, TEACHER_ENTRY)
+    teacher: Path | None = None
+    result: dict[str, dict[str, Any]] = {}
+    try:
+        from .resolve import load_methods
+
+        reg = load_methods()
+        for entry in selected:
+            start = time.perf_counter()
+            if reg.get(entry.method).needs_teacher and teacher is None:
+                teacher = quiet_train(run_config(teacher_entry, out, data_root, overrides=overrides))
+            run = quiet_train(run_config(entry, out, data_root,
+                                         teacher if reg.get(entry.method).needs_teacher else None, overrides))
+            result[entry.name] = trajectory(entry, run)
+            if on_done is not None:
+                on_done(entry, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- comparing
+
+def is_accuracy(name: str) -> bool:
+    """Accuracy series (points, compared absolutely): the engine's ``top1``, ``top5``, ``train_top1[_view<k>]``."""
+    return name in ("top1", "top5") or name.startswith("train_top1")
+
+
+@dataclass(frozen=True)
+class Moved:
+    """One quantity of one entry that differs from its golden: its largest change over the steps."""
+
+    entry: str
+    quantity: str  # loss.<term>, a logged scalar, an accuracy, top1 (final), state.<tensor>, or a structural note
+    step: int | None  # 1-based step (= epoch) of the largest change; None for final values
+    golden: float | None
+    now: float | None
+    change: float  # relative, or points for accuracies; inf when a value appeared or vanished
+    tolerance: float
+
+    @property
+    def failed(self) -> bool:
+        return not self.change <= self.tolerance
+
+    @property
+    def unit(self) -> str:
+        return "pt" if is_accuracy(self.quantity.removesuffix(" (final)")) else "rel"
+
+
+def _change(golden: float | None, now: float | None, absolute: bool) -> float:
+    if golden is None or now is None:
+        return 0.0 if golden is None and now is None else math.inf
+    if math.isnan(golden) or math.isnan(now):
+        return 0.0 if math.isnan(golden) and math.isnan(now) else math.inf
+    diff = abs(now - golden)
+    return diff if absolute else diff / max(abs(golden), ABS_FLOOR)
+
+
+def compare(golden: dict[str, Any], now: dict[str, Any]) -> list[Moved]:
+    """Every quantity of ``now`` that moved from ``golden``, with its largest change and its tolerance (passes
+    included: ``Moved.failed`` says which break the gate). Bit-identical states with equal series: nothing."""
+    name = golden["entry"]
+    moved: list[Moved] = []
+    gs, ns = golden["series"], now["series"]
+    for q in sorted({*gs, *ns}):
+        acc = is_accuracy(q)
+        g, n = gs.get(q, []), ns.get(q, [])
+        if len(g) != len(n):
+            moved.append(Moved(name, q, None, None, None, math.inf, 0.0))
+            continue
+        changes = [_change(a, b, acc) for a, b in zip(g, n)]
+        worst = max(range(len(changes)), key=changes.__getitem__, default=None)
+        if worst is not None and changes[worst] > 0:
+            moved.append(Moved(name, q, worst + 1, g[worst], n[worst], changes[worst],
+                               ACCURACY_ATOL if acc else LOSS_RTOL))
+    c = _change(golden["top1"], now["top1"], True)
+    if c > 0:
+        moved.append(Moved(name, "top1 (final)", None, golden["top1"], now["top1"], c, ACCURACY_ATOL))
+    gst, nst = golden["state"], now["state"]
+    if gst["sha256"] != nst["sha256"]:
+        norms_g, norms_n = gst["norms"], nst["norms"]
+        for key in sorted({*norms_g, *norms_n}):
+            c = _change(norms_g.get(key), norms_n.get(key), False)
+            if c > 0:
+                moved.append(Moved(name, f"state.{key}", None, norms_g.get(key), norms_n.get(key), c, WEIGHTS_RTOL))
+    return moved
+
+
+def config_notes(golden: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """Resolved method_args that differ from the golden's: context for a move (a changed default), not a failure."""
+    g, n = golden.get("method_args", {}), now.get("method_args", {})
+    return [f"{golden['entry']}: method_args.{k} {g.get(k, '(absent)')!r} -> {n.get(k, '(absent)')!r}"
+            for k in sorted({*g, *n}) if g.get(k) != n.get(k)]
+
+
+def summarise(moved: list[Moved], per_entry: int = 6) -> list[Moved]:
+    """The rows worth printing: every failure, else the largest passing moves, at most ``per_entry`` per entry."""
+    rows: list[Moved] = []
+    for entry in dict.fromkeys(m.entry for m in moved):
+        mine = sorted((m for m in moved if m.entry == entry), key=lambda m: (not m.failed, -m.change / max(m.tolerance, 1e-300)))
+        fails = [m for m in mine if m.failed]
+        rows += fails if fails else mine[:per_entry]
+    return rows
+
+
+def table(rows: list[Moved]) -> str:
+    """Fixed-width table: entry, quantity, step, golden, now, change, tolerance, verdict."""
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.7g}"
+
+    head = ("entry", "quantity", "step", "golden", "now", "change", "tolerance", "")
+    body = [(m.entry, m.quantity, "-" if m.step is None else str(m.step), num(m.golden), num(m.now),
+             f"{m.change:.2e} {m.unit}", f"{m.tolerance:.0e}", "FAIL" if m.failed else "ok") for m in rows]
+    widths = [max(len(r[i]) for r in (head, *body)) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (head, *body))
+
+
+# ------------------------------------------------------------------------------------------------ goldens
+
+def read_golden(entry: Entry, folder: Path = GOLDEN_DIR) -> dict[str, Any] | None:
+    path = folder / f"{entry.name}.json"
+    if not path.is_file():
+        return None
+    data = read_json(path, "regression golden", f"recreate it with `{entry.update_command}`")
+    if not isinstance(data, dict) or data.get("format") != GOLDEN_FORMAT or data.get("entry") != entry.name:
+        raise IpsdError(f"{path}: not a format-{GOLDEN_FORMAT} golden of entry {entry.name}; recreate it with "
+                        f"`{entry.update_command}`")
+    return data
+
+
+def golden_record(traj: dict[str, Any], entry: Entry) -> dict[str, Any]:
+    """A trajectory with its provenance: what it was made on and the fixed run it comes from."""
+    import torch
+
+    return {**traj, "format": GOLDEN_FORMAT, "why": entry.why, "run": {**BASE, "method": entry.method,
+            "method_args_given": dict(entry.method_args)},
+            "made_on": {"versions": versions(), "cpu": cpu_model(), "torch_threads": BASE["threads"],
+                        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
+
+
+@dataclass
+class Outcome:
+    """One gate invocation: what moved (all entries), config notes, entries without golden, stale goldens."""
+
+    moved: list[Moved] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    missing: list[Entry] = field(default_factory=list)
+    stale: list[Path] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[Moved]:
+        return [m for m in self.moved if m.failed]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failures or self.missing or self.stale)
+
+    def failed_terms(self) -> dict[str, set[str]]:
+        """entry -> the quantities that broke the gate."""
+        out: dict[str, set[str]] = {}
+        for m in self.failures:
+            out.setdefault(m.entry, set()).add(m.quantity)
+        return out
+
+    def render(self, update: bool = False) -> str:
+        """The table of what moved, then the notes; ``update``: entries without golden are new ones."""
+        lines = []
+        rows = summarise(self.moved)
+        lines.append(table(rows) if rows else f"nothing moved: {len(self.checked)} entries bit-identical to their goldens")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"new golden: {e.name}" if update else f"no golden for {e.name}: create it with `{e.update_command}`"
+                  for e in self.missing]
+        lines += [f"stale golden {p} (no such entry): remove it, or run `ipsd regress --update` over all entries"
+                  for p in self.stale]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        broken = self.failed_terms()
+        parts = [f"{e} ({', '.join(sorted(q))})" for e, q in broken.items()]
+        parts += [f"{e.name} (no golden)" for e in self.missing] + [f"{p.name} (stale golden)" for p in self.stale]
+        return f"regression gate: {len(parts)} of {len(self.checked) + len(self.stale)} failed: " + "; ".join(parts)
+
+
+def check(names: list[str] | None = None, data_root: str | None = None, update: bool = False,
+          folder: Path = GOLDEN_DIR, log=None) -> Outcome:
+    """Recompute the selected entries in a temporary folder and compare them with the goldens in ``folder``;
+    ``update``: then write the recomputed goldens (the outcome is the diff against the old ones)."""
+    selected = select(names)
+    outcome = Outcome(checked=[e.name for e in selected])
+    if names is None and folder.is_dir():
+        known = {e.name for e in selected}
+        outcome.stale = sorted(p for p in folder.glob("*.json") if p.stem not in known)
+
+    def progress(entry: Entry, seconds: float) -> None:
+        if log is not None:
+            log(f"{entry.name}: computed in {seconds:.1f} s")
+
+    with tempfile.TemporaryDirectory(prefix="ipsd-regress-") as tmp:
+        now = compute(selected, data_root, Path(tmp), on_done=progress)
+    for entry in selected:
+        golden = read_golden(entry, folder)
+        if golden is None:
+            outcome.missing.append(entry)
+        else:
+            outcome.moved += compare(golden, now[entry.name])
+            outcome.notes += config_notes(golden, now[entry.name])
+        if update:
+            atomic_write_json(folder / f"{entry.name}.json", golden_record(now[entry.name], entry))
+    if update:
+        for path in outcome.stale:
+            path.unlink()
+    return outcome
+
+
+def main(names: list[str] | None, data_root: str | None, update: bool) -> None:
+    """``ipsd regress``: print what moved; raise GateFailed (exit 1) on any failure unless updating."""
+    outcome = check(names, data_root, update, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(outcome.render(update))
+    if update:
+        made = [e.name for e in outcome.missing]
+        print(f"wrote {len(outcome.checked)} goldens to {GOLDEN_DIR}" + (f" (new: {', '.join(made)})" if made else "")
+              + (f"; removed {len(outcome.stale)} stale" if outcome.stale else ""))
+        return
+    if not outcome.ok:
+        raise GateFailed(outcome.summary())
+    print(f"regression gate: all {len(outcome.checked)} entries within tolerance")
+
+
+__all__ = ["ACCURACY_ATOL", "BASE", "ENTRY_OPTIONS", "Entry", "GOLDEN_DIR", "GateFailed", "LOSS_RTOL", "Moved",
+           "Outcome", "WEIGHTS_RTOL", "check", "compare", "compute", "entries", "select", "state_fingerprint"]
