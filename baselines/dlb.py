@@ -116,7 +116,8 @@ class DLB(Method):
                 z_old, z = forward_views(model, x_old, batch.x, joint=True)
             losses = {"ce": ce(torch.cat([z_old, z]), torch.cat([y_old, batch.y])),
                       "kd": c.alpha * kl_t2(t_old, z_old, c.T)}
-        self.last = LastBatch(batch.view2, batch.y, z.detach().float())
+        # a copy, never a view of z: under CUDA graphs (compile_mode=reduce-overhead) z's memory is reused next step
+        self.last = LastBatch(batch.view2, batch.y, z.detach().to(torch.float32, copy=True))
         return losses
 
     def get_extra_state(self) -> dict[str, Any]:

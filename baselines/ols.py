@@ -58,12 +58,13 @@ class OLS(Method):
 
     @torch.no_grad()
     def accumulate(self, logits: Tensor, y: Tensor) -> None:
-        """Add the softmax of correctly classified samples to their class's running sum."""
+        """Add the softmax of correctly classified samples to their class's running sum. Every sample is added,
+        the others as zeros: no boolean-mask indexing (which waits for the device), the same sums bit for bit
+        (index_add_ accumulates in index order and x + 0.0 == x)."""
         probs = F.softmax(logits.float(), dim=1)
         correct = probs.argmax(1) == y
-        yc = y[correct]
-        self.sums.index_add_(0, yc, probs[correct])
-        self.counts.index_add_(0, yc, torch.ones_like(yc, dtype=self.counts.dtype))
+        self.sums.index_add_(0, y, torch.where(correct[:, None], probs, 0.0))
+        self.counts.index_add_(0, y, correct.to(self.counts.dtype))
 
     def epoch_start(self, step) -> None:
         self.sums.zero_()

@@ -18,6 +18,7 @@ Usage: ``python -m benchmarks.report benchmarks/table3.yaml --profile smoke [--f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +39,10 @@ REFERENCE_ROW = "Hard Label"
 
 RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
                "top5_best", "best_epoch", "train_top1", "images_per_step", "wall_seconds", "world_size", "device_hours",
-               "device", "folder"]
+               "device", "execution", "folder"]
 SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "se", "train_top1",
                    "paper_mean",
-                   "paper_std", "delta", "images_per_step", "device_hours", "devices"]
+                   "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed"]
 
 
 def metric_label(metric: str) -> str:
@@ -84,9 +85,10 @@ def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFra
             **({"top1_last": rec.top1("last"), "top5_last": rec.top5("last"), "top1_best": rec.top1("best"),
                 "top5_best": rec.top5("best"), "best_epoch": rec.best_epoch, "train_top1": rec.train_top1,
                 "images_per_step": rec.images_per_step, "wall_seconds": rec.wall_seconds,
-                "world_size": rec.world_size, "device_hours": rec.device_hours, "device": rec.device_name}
+                "world_size": rec.world_size, "device_hours": rec.device_hours, "device": rec.device_name,
+                "execution": json.dumps(rec.execution, sort_keys=True)}
                if rec is not None else
-               {k: nan for k in RUN_COLUMNS[6:-2]} | {"device": None}),
+               {k: nan for k in RUN_COLUMNS[6:-3]} | {"device": None, "execution": None}),
             "folder": str(p.folder),
         })
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"done": bool})
@@ -187,6 +189,7 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
                 (float(ips.mean()) if len(ips) else math.nan),
                 "device_hours": float(cell["device_hours"].fillna(0).sum()),
                 "devices": ", ".join(sorted(set(cell["device"].dropna()))),
+                "mixed": cell["execution"].dropna().nunique() > 1,
             })
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
@@ -271,6 +274,7 @@ def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str) -> str:
     else:
         ours = _fmt(s["mean"]) + (f" {pm_sym} {_fmt(s['std'])}" if s["n_done"] >= 2 else "")
         ours += MARK if s.get("holds") is True else ""
+        ours += " [mixed]" if s.get("mixed") else ""
         if s["n_done"] < s["n_expected"]:
             ours += f" [{s['n_done']}/{s['n_expected']}]"
     if math.isnan(s["paper_mean"]):
@@ -323,6 +327,8 @@ def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
         "(paper mean, ours − paper).",
         "images/step = images per optimizer step (pair/two-view methods see more); device-h = wall time x "
         "world size summed over the row's finished runs." + (f" Devices: {', '.join(devices)}." if devices else ""),
+        "[mixed] = the cell's seeds ran under different execution facts (device type or CPU thread count), "
+        "which change the last bits of every step: re-run them under one setting to compare like with like. "
         "train top-1 = clean pass over the training set after the last epoch (mean over seeds, per column): "
         "whether the model memorises its data, the paper's regime. (control) = a row the paper lacks, for a "
         "compute-matched comparison.",

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import os
 import queue
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -100,7 +101,18 @@ def print_plan(table: Table, runs: list[PlannedRun], tflops: float, what: str = 
 
 
 def _command(cfg: RunConfig) -> list[str]:
-    return [sys.executable, "-m", "ipsd", "train", *train_args(cfg), "progress=false"]
+    return [sys.executable, "-m", "ipsd", "train", *train_args(dataclasses.replace(cfg, progress=False))]
+
+
+def _die_with_parent() -> None:
+    """In a launched child (Linux): receive SIGTERM when the sweep process dies, even by kill -9, so no orphan keeps
+    training a run that a re-launched sweep would start again (the run's lock would refuse it anyway)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: children are not tied to the parent
+        pass
 
 
 def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Callable[[PlannedRun], list[str]]) -> None:
@@ -117,7 +129,8 @@ def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Ca
             except queue.Empty:
                 return
             print(f"start {run.row} / {run.column} seed {run.cfg.seed} -> {run.folder}", flush=True)
-            proc = subprocess.run(make_cmd(run), env={**os.environ, **slot}, capture_output=True, text=True)
+            proc = subprocess.run(make_cmd(run), env={**os.environ, **slot}, capture_output=True, text=True,
+                                  preexec_fn=_die_with_parent)
             if proc.returncode:
                 failures.append(_failure(run, _last_error(proc.stderr)))
             else:
@@ -178,7 +191,7 @@ def launch_torchrun(runs: list[PlannedRun], opts: LaunchOptions) -> None:
         rdzv = (["--rdzv-backend=c10d", f"--rdzv-endpoint={opts.rdzv_endpoint}", f"--rdzv-id={run.run_id}"]
                 if opts.rdzv_endpoint else ["--standalone"])
         return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={opts.nnodes}",
-                f"--nproc-per-node={opts.nproc}", *rdzv, "-m", "ipsd", "train", *train_args(run.cfg), "progress=false"]
+                f"--nproc-per-node={opts.nproc}", *rdzv, *_command(run.cfg)[2:]]
 
     _run_queue(runs, [{}], cmd)
 

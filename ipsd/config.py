@@ -113,7 +113,7 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
 OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher",
-                    "workers", "ffcv_dir", "eval_batch_size", "threads")
+                    "workers", "ffcv_dir", "eval_batch_size", "threads", "compile_mode")
 # Keys that only on-disk datasets use: left out of the identity of an in-memory run, where they change nothing.
 ON_DISK_KEYS = ("image_size",)
 
@@ -153,6 +153,10 @@ class RunConfig:
     compile: bool = param(False, doc="torch.compile the model")
     compile_backend: str = param("inductor", choices=("inductor", "aot_eager", "eager"),
                                  doc="torch.compile backend (aot_eager: tracing without code generation)")
+    compile_mode: str = param("default", choices=("default", "reduce-overhead", "max-autotune",
+                                                  "max-autotune-no-cudagraphs"),
+                              doc="torch.compile mode (inductor only); reduce-overhead replays CUDA graphs "
+                                  "(operational: same computation, launched differently)")
     sync_bn: bool = param(False, doc="SyncBatchNorm under DDP")
     eval_batch_size: int = param(1000, lo=1, doc="test-time batch size (operational: it does not change the result)")
     loader: str | None = param(None, choices=("memory", "folder", "ffcv"),
@@ -186,6 +190,9 @@ class RunConfig:
         if self.optimizer != "sgd" and self.nesterov:
             raise ConfigError(f"nesterov=true needs optimizer=sgd (Nesterov momentum is an SGD option); "
                               f"remove nesterov or use optimizer=sgd instead of {self.optimizer}")
+        if self.compile_mode != "default" and self.compile_backend != "inductor":
+            raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile_backend=inductor (the other backends "
+                              f"take no mode); remove compile_mode or use compile_backend=inductor")
         if self.warmup_epochs >= self.schedule_ref_epochs > 0:  # (ref <= 0 is refused by its own range)
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} is out of range: the warm-up must end before the "
                               f"{self.schedule_ref_epochs}-epoch schedule does; allowed [0, {self.schedule_ref_epochs - 1}]")
@@ -208,13 +215,23 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key=value`` strings; ``method_args.T=2`` sets a nested key."""
+    """Apply ``key=value`` strings over ``values`` (e.g. a YAML file's); ``method_args.T=2`` sets a nested key.
+
+    Overrides replace what ``values`` holds, but never each other: a key given twice, or a mapping given whole
+    after one of its keys (``method_args.T=3 method_args={...}`` would drop T), is an error naming both."""
     values = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, text = item.split("=", 1)
-        *parents, leaf = key.strip().split(".")
+        key = key.strip()
+        clash = next((k for k in given if k == key or k.startswith(key + ".")), None)
+        if clash is not None:
+            hint = f" (set nested keys one by one, e.g. {key}.NAME=VALUE)" if clash != key else ""
+            raise ConfigError(f"{key!r} is given twice: {given[clash]!r} and then {item!r}; give each key once{hint}")
+        given[key] = item
+        *parents, leaf = key.split(".")
         node = values
         for p in parents:
             node = node.setdefault(p, {})
@@ -224,11 +241,39 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}, column {key_node.start_mark.column + 1}: "
+                                  f"key {key!r} is given twice (first on line {seen[key].line + 1}); give it once")
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file of ``key: value``; a missing, unreadable or malformed file is a ConfigError naming the file
+    (and the line and column of the fault)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"config file {str(path)!r} does not exist" +
+                          (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config ({type(e).__name__}: {e}); check its permissions") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}not valid YAML ({getattr(e, 'problem', None) or e}); fix the file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of key: value")
     return data

@@ -7,7 +7,10 @@ every epoch and writes ``result.json`` on completion.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ from .data.datasets import subset_items
 from .data.folder_loader import FolderLoader
 from .data.folders import FILE_DATASETS
 from .data.loader import DeviceLoader, LoaderBase
-from .errors import NonFiniteLoss
+from .errors import Interrupted, NonFiniteLoss
 from .losses import accuracy_counts
 from .method import Method, Setup, Step
 from .models import build_model
@@ -172,15 +175,45 @@ def evaluate(model: nn.Module, batches, autocast) -> tuple[float, float]:
     return 100 * top1 / n, 100 * top5 / n
 
 
-def _autocast(settings: dict[str, Any], device: torch.device):
+def autocast_for(settings: dict[str, Any], device: torch.device):
+    """A factory of the run's autocast context (bf16 when ``settings["bf16"]``, else a no-op)."""
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings["bf16"])
 
 
-def _settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+def _has_fused(optimizer: str) -> bool:
+    """Whether this torch's ``optimizer`` class takes ``fused=`` (one kernel over all parameters)."""
+    cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    return "fused" in inspect.signature(cls).parameters
+
+
+def run_settings(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """How the run executes (recorded in result.json). The GPU habits (fused optimizer, teacher in the student's
+    memory format and compiled with it) apply on CUDA only, so CPU runs compute what they always did."""
     cuda = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
     cl = cuda if cfg.channels_last is None else cfg.channels_last
-    return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn}
+    return {"bf16": bf16, "channels_last": cl, "compile": cfg.compile, "sync_bn": cfg.sync_bn,
+            "compile_mode": cfg.compile_mode if cfg.compile else None,
+            "fused_optimizer": cuda and _has_fused(cfg.optimizer),
+            "teacher_like_student": cuda,
+            "evaluation": "autocast and memory format of training",
+            "images_per_second": "first epoch of each invocation excluded (start-up, compile warm-up)"}
+
+
+def compile_model(model: nn.Module, backend: str, mode: str = "default") -> None:
+    """torch.compile ``model``'s forward in place. Its hooks (ViewAccuracy's) stay eager, outside the graph, so
+    CUDA graphs (compile_mode=reduce-overhead) see no mutated inputs; state_dict keys are unchanged."""
+    model.forward = torch.compile(model.forward, backend=backend, **({} if mode == "default" else {"mode": mode}))
+
+
+def place_teacher(teacher: Any, settings: dict[str, Any], backend: str, mode: str = "default") -> None:
+    """With ``settings["teacher_like_student"]`` (CUDA) a FrozenTeacher runs like the student: in its memory
+    format, and compiled when the student is."""
+    if teacher is None or not settings["teacher_like_student"]:
+        return
+    teacher.model.to(memory_format=torch.channels_last if settings["channels_last"] else torch.contiguous_format)
+    if settings["compile"]:
+        compile_model(teacher.model, backend, mode)
 
 
 def execution(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
@@ -233,11 +266,13 @@ class ViewAccuracy:
 
 
 def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: LoaderBase, step: Step, autocast,
-                 progress: bool, kept: str, views: ViewAccuracy) -> tuple[dict[str, torch.Tensor], int]:
+                 progress: bool, kept: str, views: ViewAccuracy,
+                 cudagraphs: bool = False) -> tuple[dict[str, torch.Tensor], int]:
     """One pass over this rank's batches: summed loss terms and the number of anchors seen.
 
     Non-finite losses are counted on the device and checked every CHECK_EVERY steps (on all ranks together),
-    so the hot loop does not synchronise on every step.
+    so the hot loop does not synchronise on every step. ``cudagraphs``: each step starts a new CUDA-graph
+    iteration (compile_mode=reduce-overhead; nothing may hold a graph output across steps).
     """
     sums: dict[str, torch.Tensor] = {}
     bad = torch.zeros((), device=loader.device)
@@ -245,6 +280,8 @@ def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: Load
     bar = tqdm(loader.epoch(step.epoch), total=len(loader), desc=f"epoch {step.epoch}/{step.epochs}", leave=False,
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for i, batch in enumerate(bar, 1):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         views.step(batch.y)
         with autocast():
             losses = task(batch, step)
@@ -264,12 +301,22 @@ def _train_epoch(task: nn.Module, optimizer: torch.optim.Optimizer, loader: Load
     return sums, anchors
 
 
-def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The run's optimizer at ``cfg.lr`` (the schedule overwrites the LR every epoch); one weight decay for all."""
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+    """The run's optimizer at ``cfg.lr`` (the schedule overwrites the LR every epoch); one weight decay for all.
+    ``fused``: torch's fused kernels (CUDA); else torch's default implementation."""
+    impl = {"fused": True} if fused else {}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **impl)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
+                           weight_decay=cfg.weight_decay, **impl)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Restore ``saved`` into ``optimizer``, keeping its own implementation (fused/foreach): a saved group's flags
+    would otherwise replace them (e.g. a checkpoint written before fused kernels were used)."""
+    groups = [{**g, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+              for g, now in zip(saved["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({**saved, "param_groups": groups})
 
 
 def _check_same_run_folder(run: RunFolder, info: dist.DistInfo, device: torch.device) -> None:
@@ -296,13 +343,37 @@ def _check_execution(run: RunFolder, recorded: dict[str, Any] | None, now: dict[
                       f"{fix}, or move {run.path} aside to start it afresh")
 
 
+def _check_out(out: str) -> None:
+    """``out`` must be a folder this process can write (it is created if missing)."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"out={out!r} is a file, not a folder; give out= a folder for the run folders")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"out={out!r} cannot be created ({e.strerror}); give out= a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"out={out!r} is not writable by this user; give out= a writable folder")
+
+
 def train(cfg: RunConfig) -> Path:
-    """Run (or resume, or return) the run ``cfg`` describes; returns its folder."""
+    """Run (or resume, or return) the run ``cfg`` describes; returns its folder. Rank 0 holds the run's training
+    lock for the whole call, so two trainers never write one run folder."""
     info, device = dist.init(cfg.device)
     res = resolve(cfg)
-    cfg = res.cfg
-    check_environment(cfg)
-    run = res.folder
+    check_environment(res.cfg)
+    _check_out(res.cfg.out)
+    try:
+        with res.folder.training_lock() if info.main else contextlib.nullcontext():
+            return _train(res, info, device)
+    except KeyboardInterrupt:
+        done = len(res.folder.read_log())  # one line per checkpointed epoch
+        raise Interrupted(f"interrupted; {res.folder.path} keeps the checkpoint of epoch {done}: re-run the same "
+                          f"command to resume from epoch {done + 1}") from None
+
+
+def _train(res: Resolved, info: dist.DistInfo, device: torch.device) -> Path:
+    cfg, run = res.cfg, res.folder
     _check_same_run_folder(run, info, device)
     if run.read_result() is not None:
         if info.main:
@@ -314,7 +385,7 @@ def train(cfg: RunConfig) -> Path:
     data = load_data(cfg)
     if getattr(data, "note", "") and info.main:
         _log(data.note)
-    settings = _settings(cfg, device)
+    settings = run_settings(cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
         torch.backends.cudnn.deterministic = cfg.deterministic
@@ -329,12 +400,13 @@ def train(cfg: RunConfig) -> Path:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if settings["channels_last"] else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    place_teacher(teacher, settings, cfg.compile_backend, cfg.compile_mode)
     method.to(device)
     try:
         loader = make_loader(cfg, data, device, method.needs, info, settings["channels_last"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    autocast = _autocast(settings, device)
+    autocast = autocast_for(settings, device)
     if teacher is not None:  # before any training: the teacher must be the one recorded
         verify_teacher(teacher, evaluate(teacher.model, loader.test_batches(cfg.eval_batch_size), autocast)[0],
                        cfg.teacher_tolerance)
@@ -342,7 +414,7 @@ def train(cfg: RunConfig) -> Path:
             _log(f"teacher {cfg.teacher}: {teacher.info['model']}, top-1 {teacher.info['measured_top1']:.2f} "
                  f"(recorded {teacher.info['top1']}), sha256 {teacher.info['sha256'][:12]}")
     params = [p for p in [*model.parameters(), *method.parameters()] if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, params, settings["fused_optimizer"])
 
     facts = execution(cfg, device)
     state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0,
@@ -352,7 +424,7 @@ def train(cfg: RunConfig) -> Path:
         _check_execution(run, ckpt["state"].get("execution"), facts)
         model.load_state_dict(ckpt["model"])
         restore_method(method, ckpt, info.rank)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer(optimizer, ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
         state = {**ckpt["state"], "execution": facts}
         if info.main:
@@ -360,7 +432,7 @@ def train(cfg: RunConfig) -> Path:
     dist.barrier()
 
     if settings["compile"]:
-        model.compile(backend=cfg.compile_backend)
+        compile_model(model, cfg.compile_backend, cfg.compile_mode)
     views = ViewAccuracy(model, res.method_cls.train_views(res.method_cfg), device)
     task = Task(model, method)
     if info.enabled:
@@ -381,7 +453,8 @@ def train(cfg: RunConfig) -> Path:
         method.epoch_start(step)
         t0 = time.perf_counter()
         sums, anchors = _train_epoch(task, optimizer, loader, step, autocast, cfg.progress and info.main,
-                                     f"{run.path} keeps the last good checkpoint (epoch {state['epoch']})", views)
+                                     f"{run.path} keeps the last good checkpoint (epoch {state['epoch']})", views,
+                                     cudagraphs=settings["compile_mode"] == "reduce-overhead" and device.type == "cuda")
         method.epoch_end(step)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

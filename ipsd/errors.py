@@ -24,3 +24,9 @@ class RecordError(IpsdError, ValueError):
 
 class NonFiniteLoss(IpsdError, RuntimeError):
     """Training diverged; the run folder keeps the last good checkpoint."""
+
+
+class Interrupted(IpsdError):
+    """Ctrl-C (or SIGINT) stopped training; the run folder keeps its last checkpoint and resumes from it."""
+
+    exit_code = 130  # the shell's convention for SIGINT

@@ -1,10 +1,10 @@
 """The regression gate (``ipsd regress``): a fixed, tiny, deterministic run of every registered method, compared
 with its golden trajectory in ``results/regress/<entry>.json``.
 
-The run: resnet8 on real CIFAR-10, the first ``per_class=4`` train images of each class (40) in ONE batch of 40,
-so each of the ``epochs=8`` epochs is one optimizer step (the LR schedule, scaled to 8 epochs, decays after
-steps 5, 6, 7) and the record's per-epoch loss means are per-step
-values; seed 0, CPU, one torch thread. Teacher methods get a teacher trained the same way: the ``hard`` entry's
+The run: resnet8 on real CIFAR-10, the first ``per_class=4`` train images of each class (40) in ONE batch of 40
+(test: the first 5 per class), so each of the ``epochs=8`` epochs is one optimizer step (the LR schedule, scaled to
+8 epochs, decays after steps 5, 6, 7) and the record's per-epoch loss means are per-step values; seed 0, CPU, one
+torch thread. Teacher methods get a teacher trained the same way: the ``hard`` entry's
 run, passed as ``teacher=``. An entry is a method with fixed ``method_args``: every method's defaults, plus the
 options the paper tables and the flagged code/paper forms use (``ENTRY_OPTIONS``).
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import math
 import sys
 import tempfile
@@ -36,7 +35,7 @@ GOLDEN_FORMAT = 1
 
 # The fixed run every entry trains (operational keys device/threads/progress included: they decide the numbers
 # bit for bit on CPU, see ipsd.engine.execution).
-BASE: dict[str, Any] = {"model": "resnet8", "dataset": "cifar10", "per_class": 4, "test_per_class": 10,
+BASE: dict[str, Any] = {"model": "resnet8", "dataset": "cifar10", "per_class": 4, "test_per_class": 5,
                         "epochs": 8, "batch_size": 40, "seed": 0, "device": "cpu", "threads": 1, "progress": False}
 
 # Tolerances, between the noise floor and the smallest planted behaviour change (results/regress_noise.json,
@@ -47,7 +46,7 @@ BASE: dict[str, Any] = {"model": "resnet8", "dataset": "cifar10", "per_class": 4
 LOSS_RTOL = 2e-4  # loss terms and logged scalars: |now - golden| <= LOSS_RTOL * |golden|; ~8x the noise floor,
 #                   ~10x below the smallest planted change
 WEIGHTS_RTOL = 1e-4  # each state tensor's L2 norm, relative; ~16x the noise floor
-ACCURACY_ATOL = 1.0  # accuracies in points: one image of the 100-image test set (an image near a tie may flip
+ACCURACY_ATOL = 2.0  # accuracies in points: one image of the 50-image test set (an image near a tie may flip
 #                      on another CPU: the discrete metrics are backstops, the loss terms are the fine check)
 ABS_FLOOR = 1e-12  # relative changes of values whose golden is ~0 (DLB's kd at step 1 is exactly 0) use this
 
@@ -60,10 +59,6 @@ class Entry:
     method: str
     method_args: dict[str, Any] = field(default_factory=dict)
     why: str = ""
-
-    @property
-    def golden_path(self) -> Path:
-        return GOLDEN_DIR / f"{self.name}.json"
 
     @property
     def update_command(self) -> str:
@@ -107,14 +102,14 @@ def entries() -> list[Entry]:
     return [Entry(m, m, {}, "defaults") for m in methods] + [e for e in ENTRY_OPTIONS if e.method in methods]
 
 
-def select(names: list[str] | None) -> list[Entry]:
-    """Entries named (an entry name, or a method name for all its entries); None: all."""
+def select(names: list[str] | None, exact: bool = False) -> list[Entry]:
+    """Entries named (an entry name, or a method name for all its entries; ``exact``: entry names only); None: all."""
     every = entries()
     if not names:
         return every
     picked: list[Entry] = []
     for name in names:
-        hits = [e for e in every if name in (e.name, e.method)]
+        hits = [e for e in every if name == e.name or (not exact and name == e.method)]
         if not hits:
             raise ConfigError(f"--methods: no entry {name!r}; did you mean {closest(name, [e.name for e in every])}?")
         picked += [e for e in hits if e not in picked]
@@ -285,10 +280,13 @@ def compare(golden: dict[str, Any], now: dict[str, Any]) -> list[Moved]:
     gst, nst = golden["state"], now["state"]
     if gst["sha256"] != nst["sha256"]:
         norms_g, norms_n = gst["norms"], nst["norms"]
+        before = len(moved)
         for key in sorted({*norms_g, *norms_n}):
             c = _change(norms_g.get(key), norms_n.get(key), False)
             if c > 0:
                 moved.append(Moved(name, f"state.{key}", None, norms_g.get(key), norms_n.get(key), c, WEIGHTS_RTOL))
+        if len(moved) == before:  # other bits (a sign of zero, a permutation) but every norm equal: shown, not failed
+            moved.append(Moved(name, "state (sha256 only)", None, None, None, 0.0, 0.0))
     return moved
 
 
@@ -373,7 +371,11 @@ class Outcome:
         """The table of what moved, then the notes; ``update``: entries without golden are new ones."""
         lines = []
         rows = summarise(self.moved)
-        lines.append(table(rows) if rows else f"nothing moved: {len(self.checked)} entries bit-identical to their goldens")
+        compared = len(self.checked) - len(self.missing)
+        if rows:
+            lines.append(table(rows))
+        elif compared:
+            lines.append(f"nothing moved: {compared} entries bit-identical to their goldens")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"new golden: {e.name}" if update else f"no golden for {e.name}: create it with `{e.update_command}`"
                   for e in self.missing]
@@ -389,10 +391,10 @@ class Outcome:
 
 
 def check(names: list[str] | None = None, data_root: str | None = None, update: bool = False,
-          folder: Path = GOLDEN_DIR, log=None) -> Outcome:
-    """Recompute the selected entries in a temporary folder and compare them with the goldens in ``folder``;
-    ``update``: then write the recomputed goldens (the outcome is the diff against the old ones)."""
-    selected = select(names)
+          folder: Path = GOLDEN_DIR, log=None, exact: bool = False) -> Outcome:
+    """Recompute the selected entries (``select``) in a temporary folder and compare them with the goldens in
+    ``folder``; ``update``: then write the recomputed goldens (the outcome is the diff against the old ones)."""
+    selected = select(names, exact)
     outcome = Outcome(checked=[e.name for e in selected])
     if names is None and folder.is_dir():
         known = {e.name for e in selected}

@@ -5,7 +5,8 @@ A run lives in ``<out>/<run id>/``, the run id being a hash of what the run comp
   config.yaml    the resolved config (written with the first checkpoint, so a run that fails before its
                  first epoch ends leaves no folder behind)
   log.jsonl      one JSON line per finished epoch
-  checkpoint.pt  everything needed to resume; written atomically every epoch
+  checkpoint.pt  everything needed to resume; written atomically every epoch (the one before it is kept as
+                 checkpoint.prev.pt, the fallback when checkpoint.pt is found damaged)
   result.json    the finished run's record (``"format": 1``); its presence marks the run done
 
 Every write is atomic (temporary file, fsync, rename), so readers never see half a file; every read goes
@@ -14,6 +15,8 @@ what is wrong and the fix. This module imports no torch at import time, so recor
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -32,6 +35,7 @@ import yaml
 from .errors import RecordError
 
 CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, RESULT_FILE = "config.yaml", "log.jsonl", "checkpoint.pt", "result.json"
+PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 RESULT_FORMAT = 1  # result.json schema; records written before the field existed read as format 0
 
 _UMASK = os.umask(0)
@@ -167,15 +171,67 @@ class RunFolder:
         atomic_write_text(self.log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in history))
 
     # -- checkpoint.pt
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        return self.path / PREVIOUS_CHECKPOINT_FILE
+
     def save_checkpoint(self, obj: Any) -> None:
+        """Write the new checkpoint atomically, keeping the one it replaces as ``checkpoint.prev.pt``: a checkpoint
+        damaged later (a full disk, a copy cut short) still leaves the epoch before it to resume from."""
         import torch
 
         buf = io.BytesIO()
         torch.save(obj, buf)
+        if self.checkpoint_path.exists():
+            os.replace(self.checkpoint_path, self.previous_checkpoint_path)
         atomic_write_bytes(self.checkpoint_path, buf.getvalue())
 
     def load_checkpoint(self, map_location: Any = "cpu", weights_only: bool = False) -> dict[str, Any]:
-        return load_checkpoint_file(self.checkpoint_path, map_location, weights_only)
+        """The latest readable checkpoint: ``checkpoint.pt``, else (it is missing or damaged) the previous one,
+        which is then made the current one; neither readable is a RecordError naming both files."""
+        try:
+            return load_checkpoint_file(self.checkpoint_path, map_location, weights_only)
+        except RecordError as e:
+            if not self.previous_checkpoint_path.is_file():
+                raise
+            try:
+                ckpt = load_checkpoint_file(self.previous_checkpoint_path, map_location, weights_only)
+            except RecordError:
+                raise RecordError(f"{e} (the previous checkpoint {self.previous_checkpoint_path.name} is unreadable "
+                                  "too)") from None
+            damaged = self.path / f"{CHECKPOINT_FILE}.damaged"
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, damaged)  # kept for inspection, never deleted
+            os.replace(self.previous_checkpoint_path, self.checkpoint_path)
+            import sys
+
+            print(f"ipsd: warning: {e.args[0].split(';')[0]}; resuming from the previous checkpoint instead "
+                  f"(the damaged file is kept as {damaged.name})", file=sys.stderr)
+            return ckpt
+
+    @contextlib.contextmanager
+    def training_lock(self):
+        """Hold an exclusive lock on the run for the life of a training process. The OS releases it when the process
+        dies (even by kill -9), so it never goes stale; a second trainer of the same run is refused with the holder's
+        pid. The lock file lives beside the run folders (``<out>/.locks/<run id>.lock``), which may not exist yet."""
+        lock = self.path.parent / ".locks" / f"{self.run_id}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise RecordError(f"run {self.run_id} ({self.path}) is being trained by another process (pid {holder}, "
+                                  f"lock {lock}); wait for it to finish or stop it, then re-run") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_checkpoint_file(path: Path, map_location: Any = "cpu", weights_only: bool = False) -> dict[str, Any]:
@@ -255,6 +311,11 @@ class Record:
         if hw.get("gpu"):
             return str(hw["gpu"])
         return str(hw.get("device", "unknown")).split(":")[0]
+
+    @property
+    def execution(self) -> dict[str, Any]:
+        """What besides the identity decided the numbers (device type, CPU threads); empty in older records."""
+        return dict(self.data.get("execution") or {})
 
     @property
     def config(self) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    folders = [p for p in tmp_path.iterdir() if p.is_dir()]
+    folders = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != ".locks"]
     assert len(folders) == 1
     result = json.loads((folders[0] / "result.json").read_text())
     assert result["hardware"]["world_size"] == 2
@@ -107,7 +107,7 @@ def test_two_nodes_train_exactly_like_one_node_with_two_processes(tmp_path):
     single = _torchrun(["--standalone", "--nproc_per_node=2"], tmp_path / "single")
     err = single.communicate(timeout=600)[1]
     assert single.returncode == 0, err[-3000:]
-    (a,), (b,) = ([p for p in (tmp_path / d).iterdir() if p.is_dir()] for d in ("shared", "single"))
+    (a,), (b,) = ([p for p in (tmp_path / d).iterdir() if p.is_dir() and p.name != ".locks"] for d in ("shared", "single"))
     assert a.name == b.name  # same identity: the launch layout is operational
     ra, rb = (json.loads((f / "result.json").read_text()) for f in (a, b))
     assert ra["hardware"]["world_size"] == rb["hardware"]["world_size"] == 2

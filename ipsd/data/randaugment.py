@@ -216,7 +216,9 @@ def _equalize(y: Tensor) -> Tensor:
     b, c, h, w = y.shape
     flat = y.view(b * c, h * w).long()
     offset = torch.arange(b * c, device=y.device).view(-1, 1) * 256
-    hist = torch.bincount((flat + offset).view(-1), minlength=b * c * 256).view(b * c, 256)
+    keys = (flat + offset).view(-1)  # scatter_add_, not bincount: bincount reads the max on the host (a GPU sync)
+    hist = torch.zeros(b * c * 256, dtype=torch.long, device=y.device).scatter_add_(0, keys, torch.ones_like(keys))
+    hist = hist.view(b * c, 256)
     top = 255 - (hist.flip(1) > 0).long().argmax(1, keepdim=True)  # highest value present
     step = (h * w - hist.gather(1, top)) // 255
     below = torch.cumsum(hist, 1) - hist
