@@ -20,7 +20,8 @@ finished. Sections, in order:
 7. ``cudagraphs``: compile_mode=reduce-overhead for hard and ips steps and one engine run, if time remains.
 
 Compiled rows and CUDA graphs are skipped (and say so) when the ``--budget-minutes`` would be exceeded.
-``--tiny`` runs the same code on the CPU in seconds: resnet8, batch 8, a few steps, the ``eager`` compile backend.
+``--tiny`` runs the same code on the CPU in seconds: resnet8, batch 8, a few steps, the ``eager`` compile backend,
+one torch thread.
 Nothing here asserts a speed; the exit status is 1 when a correctness check or the all-reduce fails.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ipsd.config import RunConfig, load_run_config
 from ipsd.data import DATASETS, ImageData, load_dataset, subset
 from ipsd.dist import pick_device
 from ipsd.engine import train
-from ipsd.errors import IpsdError
+from ipsd.errors import ConfigError, IpsdError
 
 METHODS = ("hard", "ips", "cskd", "dlb", "kd")
 CONFIGS = {  # name -> RunConfig fields of the execution (everything else: the paper's recipe)
@@ -149,6 +150,7 @@ def correctness(args, plan: Plan, device: torch.device, out: Path, extra: tuple[
     for method in methods:
         cfg = load_run_config(None, [*data_args, f"method={method}", f"model={plan.model}", f"epochs={plan.epochs}",
                                      f"batch_size={plan.train_batch}", f"device={device}", "progress=false",
+                                     *([f"threads={torch.get_num_threads()}"] if device.type == "cpu" else []),
                                      f"out={out}", *extra])
         record = json.loads((train(cfg) / "result.json").read_text())
         ce = [r["loss"]["ce"] for r in record["curve"]]
@@ -292,7 +294,8 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += section("environment", "", lambda v: _table(sorted(v.items()), ["", ""]))
     lines += section("correctness", "engine runs (`ipsd.engine.train`): CE of the first and last epoch, last top-1",
                      _runs_table)
-    lines += section("steps", "per step at the paper's batch (pairs for pair methods), warm-up excluded", _step_table)
+    lines += section("steps", "per step at the paper's batch (pairs for pair methods), warm-up excluded; memory: peak "
+                     "CUDA memory (on CPU: activations saved for backward)", _step_table)
     lines += section("patch_swap", "the patch swap's share of an IPS step", lambda v: _table(
         [[c, _fmt(r["swap_seconds"], 1e3, 3), _fmt(r["share"], 100, 2)] for c, r in v.items()],
         ["config", "swap ms", "share %"]))
@@ -317,8 +320,13 @@ def write(summary: dict[str, Any], out: Path) -> None:
 
 
 def check(args) -> int:
+    if args.data and not (Path(args.data).expanduser() / "cifar-10-batches-py").is_dir():
+        raise ConfigError(f"--data {args.data}: no cifar-10-batches-py folder there; give the folder that holds it, "
+                          f"or leave --data out to use synthetic images")
     plan = Plan(args.tiny)
     device = pick_device("cpu" if args.tiny else args.device)
+    if args.tiny:
+        torch.set_num_threads(1)  # a small model on a busy CPU: more threads only wait on each other
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = out / "runs"

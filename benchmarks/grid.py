@@ -20,7 +20,7 @@ from ipsd.runs import RunFolder
 # Cell keys that describe the table, not the run: `paper_key` (the paper CSV's label), `teacher_run` (a column's
 # teacher recipe), `control` (a row the paper lacks, shown as a control with paper value "–").
 ROW_ONLY_KEYS = ("paper_key", "teacher_run", "control")
-TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric"}
+TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric", "extends"}
 PROFILE_KEYS = {"seeds", "base", "rows", "columns", "skip"}
 
 
@@ -96,9 +96,38 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _extend(raw: dict[str, Any], path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A table YAML with its ``extends:`` parent (a path relative to this file, the working directory or the repo)
+    merged in: the child's keys win; ``rows``, ``columns``, ``profiles`` and ``base`` merge label by label, and a
+    label given as ``null`` removes the parent's entry. Runs shared with the parent are the same runs."""
+    parent_ref = raw.get("extends")
+    if parent_ref is None:
+        return raw
+    here = path.resolve()
+    candidates = [here.parent / parent_ref, Path(parent_ref), Path(__file__).resolve().parents[1] / parent_ref]
+    parent_path = next((p.resolve() for p in candidates if p.is_file()), None)
+    if parent_path is None:
+        raise ConfigError(f"{path}: extends {parent_ref!r}, which does not exist (looked beside {path.name}, in the "
+                          "working directory and in the repository)")
+    if parent_path in seen or parent_path == here:
+        raise ConfigError(f"{path}: extends {parent_ref!r}, which extends it back (a cycle)")
+    parent = _extend(load_yaml(parent_path), parent_path, (*seen, here))
+    merged = {k: v for k, v in parent.items() if k not in ("extends", "name", "title")}
+    for key, value in raw.items():
+        if key == "extends":
+            continue
+        if key in ("rows", "columns", "profiles", "base") and isinstance(value, dict):
+            both = _merge(merged.get(key) or {}, {k: v for k, v in value.items() if v is not None})
+            merged[key] = {k: v for k, v in both.items() if value.get(k, "keep") is not None}
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_table(path: str | Path, profile: str = "full", overrides: list[str] = ()) -> Table:
-    """Read a table YAML, apply a profile and ``key=value`` overrides (these go into every run)."""
-    raw = load_yaml(path)
+    """Read a table YAML (and its ``extends:`` parent), apply a profile and ``key=value`` overrides (these go into
+    every run)."""
+    raw = _extend(load_yaml(path), Path(path))
     unknown = set(raw) - TABLE_KEYS
     if unknown:
         k = sorted(unknown)[0]

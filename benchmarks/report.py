@@ -39,10 +39,10 @@ REFERENCE_ROW = "Hard Label"
 
 RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
                "top5_best", "best_epoch", "train_top1", "images_per_step", "wall_seconds", "world_size", "device_hours",
-               "device", "execution", "folder"]
+               "device", "execution", "folder", "ran"]
 SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "se", "train_top1",
                    "paper_mean",
-                   "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed"]
+                   "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed", "ran"]
 
 
 def metric_label(metric: str) -> str:
@@ -89,7 +89,7 @@ def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFra
                 "execution": json.dumps(rec.execution, sort_keys=True)}
                if rec is not None else
                {k: nan for k in RUN_COLUMNS[6:-3]} | {"device": None, "execution": None}),
-            "folder": str(p.folder),
+            "folder": str(p.folder), "ran": f"{p.cfg.model}, {p.cfg.dataset}",
         })
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"done": bool})
 
@@ -190,6 +190,7 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
                 "device_hours": float(cell["device_hours"].fillna(0).sum()),
                 "devices": ", ".join(sorted(set(cell["device"].dropna()))),
                 "mixed": cell["execution"].dropna().nunique() > 1,
+                "ran": "; ".join(sorted(set(df[(df["row"] == row) & (df["column"] == column)]["ran"]))),
             })
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
@@ -265,8 +266,9 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str) -> str:
-    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)'; '– (paper 80.53)' with no runs; 'n/a' when skipped."""
+def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool = True) -> str:
+    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)'; '– (paper 80.53)' with no runs; 'n/a' when skipped; '(paper –)'
+    for a cell the paper lacks (a control, a new method or model) in a table that has a paper."""
     if s["skipped"]:
         return "n/a"
     if s["n_done"] == 0:
@@ -278,7 +280,7 @@ def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str) -> str:
         if s["n_done"] < s["n_expected"]:
             ours += f" [{s['n_done']}/{s['n_expected']}]"
     if math.isnan(s["paper_mean"]):
-        return ours
+        return f"{ours} (paper {dash})" if has_paper else ours
     paper = f"paper {_fmt(s['paper_mean'])}" + (MARK if s.get("paper_holds") is True else "")
     if not math.isnan(s["delta"]):
         d = f"{round(s['delta'], 2) + 0.0:+.2f}"  # never "-0.00"
@@ -305,9 +307,14 @@ def _grid(table: Table, summary: pd.DataFrame, pm_sym: str, minus: str, dash: st
         if c["against"] == ref:
             by_cell[(c["row"], c["column"])] = {**by_cell[(c["row"], c["column"])], "holds": c["holds"],
                                                 "paper_holds": c["paper_holds"]}
-    lines = [["Method", *table.columns, "train top-1", "images/step", "device-h"]]
+    def label(col: str) -> str:  # outside the paper's protocol, say what actually ran under the paper's label
+        ran = sorted({r for r in summary[summary["column"] == col]["ran"] if r})
+        return f"{col} (ran {' / '.join(ran)})" if table.profile != "full" and ran else col
+
+    lines = [["Method", *map(label, table.columns), "train top-1", "images/step", "device-h"]]
     for row in table.rows:
-        cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash) for c in table.columns]
+        cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash, table.paper is not None)
+                 for c in table.columns]
         ips, hours = _row_extras(summary, row)
         label = f"{row} (control)" if _is_control(table, row) else row
         train = [_fmt(v) for v in summary[(summary["row"] == row)]["train_top1"] if not math.isnan(v)]

@@ -165,6 +165,8 @@ def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
 
         failures = []
         for run in tqdm(runs, desc="runs", file=sys.stderr):
+            tqdm.write(f"start {run.row} / {run.column}: {run.cfg.method} on {run.cfg.model}, {run.cfg.dataset}, seed "
+                       f"{run.cfg.seed} -> {run.folder}", file=sys.stderr)
             try:
                 train(dataclasses.replace(run.cfg, progress=False))
             except Exception as e:  # noqa: BLE001 -- report every failed run, keep going with the others

@@ -113,6 +113,20 @@ def _list(args: argparse.Namespace) -> None:
     from .models import MODELS
     from .resolve import load_methods
 
+    if args.what:
+        if args.what != "method" or not args.name:
+            raise ConfigError("usage: ipsd list [method NAME]")
+        from .config import describe
+
+        try:
+            cls = load_methods().get(args.name)
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        print(f"method {cls.name} ({cls.__module__}): {doc.splitlines()[0] if doc else ''}")
+        print(f"method_args (method_args.KEY=VALUE):\n{describe(cls.Config, cls.model_defaults) or '  (none)'}")
+        return
+
     print("methods: ", ", ".join(load_methods().names()))
     print("models:  ", ", ".join(MODELS.names()))
     print("datasets:", ", ".join(DATASETS.names()), "(in memory);", ", ".join(FILE_DATASETS.names()), "(on disk)")
@@ -122,7 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ipsd", description="IPS and self-distillation baselines under one engine")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one run (resumes if unfinished; prints the run folder last)")
+    from .config import RunConfig, describe
+
+    p = sub.add_parser("train", help="train one run (resumes if unfinished; prints the run folder last)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="config keys (YAML or key=value; `ipsd list method NAME` for a method's method_args):\n"
+                              + describe(RunConfig))
     p.add_argument("config", nargs="?", help="YAML config file (optional)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method=ips model=resnet18 epochs=2")
     p.set_defaults(func=_train)
@@ -195,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="data_root=DIR (default: $IPSD_DATA)")
     p.set_defaults(func=_regress)
 
-    p = sub.add_parser("list", help="registered methods, models and datasets")
+    p = sub.add_parser("list", help="registered methods, models and datasets; `list method NAME`: its method_args")
+    p.add_argument("what", nargs="?", choices=("method",))
+    p.add_argument("name", nargs="?")
     p.set_defaults(func=_list)
 
     args, extra = parser.parse_known_args(argv)

@@ -107,13 +107,30 @@ def validate(obj: Any, where: str = "") -> None:
                 raise ConfigError(f"{where}{f.name}={x!r} is out of range; allowed {_allowed(f)}")
 
 
+def describe(cls: type, overrides: dict[str, dict[str, Any]] | None = None) -> str:
+    """One line per field of config dataclass ``cls``: name, type, default, allowed values and doc; ``overrides``
+    ({model: {field: value}}) adds each field's per-model defaults."""
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        tp = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        allowed = f" {_allowed(f)}" if f.metadata.get("choices") or f.metadata.get("lo") is not None \
+            or f.metadata.get("hi") is not None else ""
+        per_model = {m: v[f.name] for m, v in (overrides or {}).items() if f.name in v}
+        models = "; per model: " + ", ".join(f"{m} {v!r}" for m, v in sorted(per_model.items())) if per_model else ""
+        doc = f.metadata.get("doc", "")
+        lines.append(f"  {f.name} ({tp}, default {default!r}{allowed}{models})" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
 # Keys that say where/how a run executes, not what it computes: excluded from the run identity.
 OPERATIONAL_KEYS = ("out", "device", "stop_after", "data_root", "download", "progress", "deterministic", "teacher",
-                    "workers", "ffcv_dir", "eval_batch_size", "threads", "compile_mode")
+                    "workers", "ffcv_dir", "eval_batch_size", "threads", "plugins", "compile_mode")
 # Keys that only on-disk datasets use: left out of the identity of an in-memory run, where they change nothing.
 ON_DISK_KEYS = ("image_size",)
 
@@ -167,6 +184,10 @@ class RunConfig:
                                            "(imagenet, cub200, dogs, folders); ignored by in-memory datasets (CIFAR, "
                                            "digits), which train at their native size")
     teacher_id: str | None = param(None, doc="set by resolution: 'run:<run id>' or 'sha256:<digest>' of the teacher")
+    plugins: list[str] = param([], doc="modules that register methods from your own code: dotted module names "
+                                       "(importable from the working directory or PYTHONPATH) or paths of .py files")
+    plugin_ids: list[str] = param([], doc="set by resolution: '<module>@sha256:<digest of its source>' of the plugin "
+                                          "that defines the run's method (empty for the suite's own methods)")
     teacher_tolerance: float = param(0.1, lo=0, doc="max |re-measured - recorded| teacher top-1 (points)")
     # operational keys (not part of the identity)
     teacher: str | None = param(None, doc="teacher: a name in results/teachers.yaml, a run folder or a checkpoint")
@@ -179,9 +200,10 @@ class RunConfig:
     deterministic: bool = param(False, doc="cuDNN deterministic kernels (slower)")
     threads: int | None = param(None, lo=1, doc="CPU runs: torch threads (null = torch's default, one per core); "
                                                  "recorded, and a resume under a different count is refused")
-    workers: int = param(8, lo=0, doc="image-decoding workers of on-disk datasets: processes for loader=folder (0 = in "
-                                      "the training process; augmentation does not depend on it), threads for "
-                                      "loader=ffcv (at least 1); unused by in-memory datasets")
+    workers: int | None = param(None, lo=0, doc="image-decoding workers of on-disk datasets: processes for "
+                                "loader=folder (0 = in the training process; augmentation does not depend on it), threads "
+                                "for loader=ffcv (at least 1); null = the CPUs this process may use, at most 8; unused by "
+                                "in-memory datasets")
     ffcv_dir: str | None = param(None, doc="folder of the FFCV copy (train.beton, test.beton, meta.json); "
                                            "null = <data_root>/ffcv/<dataset>")
 
@@ -203,6 +225,8 @@ class RunConfig:
         d = to_dict(self)
         for k in OPERATIONAL_KEYS + (ON_DISK_KEYS if self.loader == "memory" else ()):
             d.pop(k)
+        if not d["plugin_ids"]:  # runs of the suite's own methods keep the identity they had before plugins existed
+            d.pop("plugin_ids")
         return d
 
 

@@ -154,8 +154,28 @@ def make_loader(cfg: RunConfig, data, device: torch.device, needs, info: dist.Di
     if cfg.loader == "ffcv":
         from .data.ffcv_loader import FfcvLoader  # imports FFCV: checked by check_environment
 
-        return FfcvLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
-    return FolderLoader(*args, image_size=cfg.image_size, workers=cfg.workers)
+        return FfcvLoader(*args, image_size=cfg.image_size, workers=decoding_workers(cfg))
+    return FolderLoader(*args, image_size=cfg.image_size, workers=decoding_workers(cfg))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow), else the count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def decoding_workers(cfg: RunConfig) -> int:
+    """``workers`` as given, else what the machine offers (at most 8); FFCV refuses more threads than CPUs, so a
+    too-large value for it is a config error naming the key."""
+    cpus = usable_cpus()
+    if cfg.workers is None:
+        return min(8, cpus)
+    if cfg.loader == "ffcv" and not 1 <= cfg.workers <= cpus:
+        raise ConfigError(f"workers={cfg.workers} is out of range for loader=ffcv on this machine: FFCV runs between 1 "
+                          f"and {cpus} decoding threads here (the CPUs this process may use); set workers=1..{cpus}")
+    return cfg.workers
 
 
 @torch.no_grad()

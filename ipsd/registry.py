@@ -25,8 +25,12 @@ class Registry(Generic[T]):
         key = name.lower()
 
         def add(obj: T) -> T:
-            if key in self._items and self._items[key] is not obj:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            old = self._items.get(key)
+            reloaded = getattr(old, "__module__", None) == getattr(obj, "__module__", "") and \
+                getattr(old, "__qualname__", None) == getattr(obj, "__qualname__", "")  # a plugin module run again
+            if old is not None and old is not obj and not reloaded:
+                raise ValueError(f"{self.kind} {name!r} is registered twice (by {getattr(old, '__module__', '?')} and "
+                                 f"{getattr(obj, '__module__', '?')})")
             self._items[key] = obj
             return obj
 

@@ -7,8 +7,13 @@ provide (FFCV installed, a CUDA device, the data) is checked where training star
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
+import importlib.util
 import pkgutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, RunConfig, to_dict
@@ -22,13 +27,49 @@ from .runs import RunFolder, run_hash
 from .teacher_registry import teacher_identity
 
 
-def load_methods() -> Registry[type[Method]]:
-    """Import every module of the ``baselines`` package so each method registers itself."""
+def load_methods(plugins: Sequence[str] = ()) -> Registry[type[Method]]:
+    """Import every module of the ``baselines`` package, then the user's ``plugins``, so each method registers
+    itself."""
     import baselines
 
     for info in pkgutil.iter_modules(baselines.__path__):
         importlib.import_module(f"baselines.{info.name}")
+    for plugin in plugins:
+        import_plugin(plugin)
     return METHODS
+
+
+def import_plugin(ref: str) -> str:
+    """Import a plugin (a dotted module name, or the path of a .py file) once; returns its identity,
+    ``<module>@sha256:<digest of its source file>``, so a result traces back to the exact code that produced it."""
+    path = Path(ref).expanduser()
+    try:
+        if ref.endswith(".py"):
+            if not path.is_file():
+                raise ConfigError(f"plugins: {ref!r} does not exist; give the path of a .py file or a module name")
+            name = f"ipsd_plugin_{path.stem}"
+            module = sys.modules.get(name)
+            if module is None or Path(module.__file__).resolve() != path.resolve():
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[name] = module
+                spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # `python -m ipsd` puts the cwd first; the console script does not
+            module = importlib.import_module(ref)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"plugins: cannot import {ref!r} ({e}); give a module importable from the working directory "
+                          "or PYTHONPATH, or the path of a .py file") from None
+    except Exception as e:  # noqa: BLE001 -- the user's code failed while registering: one line, not their traceback
+        sys.modules.pop(f"ipsd_plugin_{path.stem}", None)
+        raise ConfigError(f"plugins: importing {ref!r} failed: {type(e).__name__}: {e}") from None
+    source = Path(getattr(module, "__file__", "") or "")
+    if not source.is_file():
+        raise ConfigError(f"plugins: {ref!r} has no source file to hash; a plugin must be a .py module")
+    return f"{module.__name__.removeprefix('ipsd_plugin_')}@sha256:{hashlib.sha256(source.read_bytes()).hexdigest()}"
 
 
 @dataclasses.dataclass
@@ -84,7 +125,12 @@ def _resolve_loader(cfg: RunConfig) -> str:
 def resolve(cfg: RunConfig) -> Resolved:
     """Fill model-dependent defaults (LR, the method's per-model hyper-parameters) and validate names."""
     load_methods()
+    plugins = {import_plugin(p): p for p in cfg.plugins}
     method_cls = _lookup(METHODS, cfg.method, "method")
+    # only the plugin that defines the run's method is part of its identity: a Hard Label run in a table that
+    # loads a plugin for another row computes exactly what it computes without it, and stays the same run
+    module = method_cls.__module__.removeprefix("ipsd_plugin_")
+    plugin_ids = [pid for pid in plugins if pid.split("@")[0] == module]
     spec = _lookup(MODELS, cfg.model, "model")
     if not is_file_dataset(cfg.dataset):
         try:
@@ -102,5 +148,5 @@ def resolve(cfg: RunConfig) -> Resolved:
     teacher_id = teacher_identity(cfg.teacher) if cfg.teacher else None
     cfg = dataclasses.replace(cfg, method=method_cls.name, model=spec.name, dataset=cfg.dataset.lower(),
                               lr=cfg.lr if cfg.lr is not None else spec.lr, method_args=to_dict(method_cfg),
-                              teacher_id=teacher_id, loader=loader)
+                              teacher_id=teacher_id, loader=loader, plugin_ids=plugin_ids)
     return Resolved(cfg, method_cls, method_cfg)

@@ -171,7 +171,7 @@ def test_render_markdown(tiny):
     assert body["IPS"][0] == "76.00 ± 1.41 [2/3] (paper 74.00*, +2.00)"
     assert body["IPS"][1].startswith("–") and "paper 66.00" in body["IPS"][1]
     assert body["IPS"][2:] == ["–", "128", "0.40"]  # 2 runs x 360 s x 2 devices
-    assert body["IPS 2x2"][:2] == ["73.00 ± 0.00", "n/a"]
+    assert body["IPS 2x2"][:2] == ["73.00 ± 0.00 (paper –)", "n/a"]  # the paper has no value for this cell
 
 
 def test_render_best_is_labelled(tiny):
