@@ -12,12 +12,13 @@ LAUNCHER ?= gpus
 TABLES := table2 table3 table4 table5 table15
 DATA_ARG = $(if $(DATA),data_root=$(DATA))
 
-.PHONY: help env demo test bench regress clean $(TABLES) $(TABLES:%=%-smoke)
+.PHONY: help env demo test bench gpu-check regress clean $(TABLES) $(TABLES:%=%-smoke)
 
 help:
 	@echo "make demo [DATA=DIR]   set up, train IPS and Hard Label on a small real subset, compare"
 	@echo "make test              set up and run the test suite (IPSD_DATA=DIR enables CIFAR tests)"
 	@echo "make bench             set up and run 'ipsd bench' on this machine"
+	@echo "make gpu-check [DATA=DIR]   GPU readiness in < 8 min (speed per precision/layout/compile, engine checks, NCCL): runs/gpu-check/"
 	@echo "make regress [DATA=DIR]   regression gate: every method's tiny CIFAR-10 run against results/regress/"
 	@echo "make table3 [DATA=DIR] [LAUNCHER=gpus|local|torchrun|slurm]  full protocol (3 seeds), then the report"
 	@echo "make table3-smoke DATA=DIR   the same, end to end, on a CIFAR-10 subset on CPU in minutes"
@@ -40,6 +41,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/ipsd bench --json runs/bench.json
+
+gpu-check: $(STAMP)
+	PYTHONPATH=. $(BIN)/python benchmarks/gpu_check.py --out runs/gpu-check $(if $(DATA),--data $(DATA))
 
 regress: $(STAMP)
 	$(BIN)/ipsd regress $(DATA_ARG)

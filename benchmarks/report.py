@@ -512,3 +512,67 @@ def report(path: str | Path, profile: str = "full", overrides: Sequence[str] = (
     elif fmt == "tex":
         text += f"% {read}\n% figure: {png}\n"
     return text
+
+
+# ------------------------------------------------------------------------------------------------- against
+AGAINST_LEVEL = 0.99  # two-sided: a cell whose change exceeds its 99% band is flagged (about 1 in 100 by chance)
+EXACT_TOLERANCE = 0.005  # points: with no published spread (n < 2 or SD 0) a cell must reproduce to 2 decimals
+
+
+def moved_cells(table: Table, fresh: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
+    """Cells whose mean moved between a fresh sweep and the published records of the same table.
+
+    Rule (the published cell's SD and n decide): the fresh mean m_f of n_f seeds has moved from the published
+    m_p (SD s_p of n_p seeds) when |m_f − m_p| > t(0.995, n_p − 1) · s_p · sqrt(1/n_p + 1/n_f), i.e. outside the
+    99% band of a difference of two means with the published spread; with no published spread (n_p < 2 or
+    s_p = 0) it must match within 0.005 points (a CPU re-run with the same seeds and threads reproduces exactly).
+    Cells missing on either side are listed as such, never silently passed."""
+    from scipy.stats import t
+
+    pub = {(s["row"], s["column"]): s for s in published.to_dict("records")}
+    out = []
+    for s in fresh.to_dict("records"):
+        p = pub[(s["row"], s["column"])]
+        if s["skipped"]:
+            continue
+        if not (s["n_done"] and p["n_done"]):
+            out.append({**_key(s), "fresh": s["mean"], "published": p["mean"], "delta": math.nan, "band": math.nan,
+                        "status": "missing " + ("fresh" if not s["n_done"] else "published")})
+            continue
+        delta = s["mean"] - p["mean"]
+        spread = p["std"] if p["n_done"] >= 2 and not math.isnan(p["std"]) and p["std"] > 0 else math.nan
+        band = (EXACT_TOLERANCE if math.isnan(spread) else
+                t.ppf(0.5 + AGAINST_LEVEL / 2, p["n_done"] - 1) * spread * math.sqrt(1 / p["n_done"] + 1 / s["n_done"]))
+        out.append({**_key(s), "fresh": s["mean"], "published": p["mean"], "delta": delta, "band": band,
+                    "status": "moved" if abs(delta) > band else "ok"})
+    return pd.DataFrame(out, columns=["row", "column", "fresh", "published", "delta", "band", "status"])
+
+
+def _key(s: dict) -> dict:
+    return {"row": s["row"], "column": s["column"]}
+
+
+def against(path: str | Path, published: str | Path, profile: str = "full", overrides: Sequence[str] = (),
+            metric: str = "last") -> tuple[str, bool]:
+    """``ipsd report ... --against DIR``: the table's fresh records (``out``) against the published ones in DIR
+    (the same run ids); returns the comparison as Markdown and whether every cell held."""
+    table = load_table(path, profile, list(overrides))
+    planned = expand(table)
+    fresh = summarize(table, collect(table, planned), metric)
+    pub_table = load_table(path, profile, [*(o for o in overrides if not o.startswith("out=")), f"out={published}"])
+    pub = summarize(pub_table, collect(pub_table), metric)
+    cells = moved_cells(table, fresh, pub)
+    bad = cells[cells["status"] != "ok"]
+    lines = [["row", "column", "fresh", "published", "fresh − published", "allowed ±", "status"]]
+    for c in cells.to_dict("records"):
+        lines.append([c["row"], c["column"], _fmt(c["fresh"]) if not math.isnan(c["fresh"]) else DASH,
+                      _fmt(c["published"]) if not math.isnan(c["published"]) else DASH,
+                      f"{c['delta']:+.3f}" if not math.isnan(c["delta"]) else DASH,
+                      f"{c['band']:.3f}" if not math.isnan(c["band"]) else DASH, c["status"]])
+    head = (f"### {table.name} [{profile}; {metric_label(metric)}]: {planned[0].cfg.out if planned else '?'} against "
+            f"{published}")
+    verdict = (f"{len(bad)} of {len(cells)} cell(s) moved or are missing." if len(bad) else
+               f"All {len(cells)} cells hold.")
+    rule = (f"Rule: a cell moved when |fresh − published| exceeds t({0.5 + AGAINST_LEVEL / 2:.3f}, n_p − 1) · SD_p · "
+            f"sqrt(1/n_p + 1/n_f) (SD_p, n_p: the published cell's); with no published spread, {EXACT_TOLERANCE} points.")
+    return "\n".join([head, "", _md(lines), "", verdict, rule]) + "\n", len(bad) == 0

@@ -51,10 +51,17 @@ def _sweep(args: argparse.Namespace) -> None:
     sweep(args.config, args.profile, args.launcher, args.overrides, opts, args.tflops, args.dry_run)
 
 
-def _report(args: argparse.Namespace) -> None:
+def _report(args: argparse.Namespace) -> int:
+    if args.against:
+        from benchmarks.report import against
+
+        text, held = against(args.config, args.against, args.profile, args.overrides, args.metric)
+        print(text)
+        return 0 if held else 1
     from benchmarks.report import report
 
     print(report(args.config, args.profile, args.overrides, args.format, args.metric))
+    return 0
 
 
 def _teacher(args: argparse.Namespace) -> None:
@@ -187,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--metric", default="last", choices=("last", "best", "train"),
                    help="last-epoch test top-1 (default) | best epoch, selected on the test set | train top-1 (a clean "
                         "pass over the training set after the last epoch)")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="compare this table's records (out=) with the published ones in DIR, e.g. results/cpu/runs; "
+                        "exit 1 if any cell moved beyond its published spread")
     p.add_argument("overrides", nargs="*", help="the same key=value overrides the sweep used (e.g. out=...)")
     p.set_defaults(func=_report)
 
@@ -226,11 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized argument {item!r}")
     try:
-        args.func(args)
+        return args.func(args) or 0
     except IpsdError as e:
         print(f"ipsd: error: {e}", file=sys.stderr)
         return e.exit_code
-    return 0
 
 
 if __name__ == "__main__":

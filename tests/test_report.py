@@ -356,3 +356,30 @@ def test_report_marks_held_differences_and_lists_them(tiny):
     # IPS 2x2 vs Hard Label on ResNet8: 73 (sd 0, n 3) vs 72 (sd 2, n 3): diff 1, df = 2, half = 4.303*2/sqrt(3)
     line = next(l for l in text.splitlines() if l.startswith("| ResNet8") and "IPS 2x2" in l)
     assert "+1.00 [-3.97, +5.97]" in line and "*" not in line
+
+
+def test_against_flags_the_cells_a_change_moved_and_exits_non_zero(tiny, tmp_path, capsys):
+    """A perturbed copy of the records: Hard Label / ResNet8 (published 70, 72, 74: mean 72, SD 2, n 3) moved by
+    +5 on every seed. Band = t(0.995, 2) * 2 * sqrt(2/3) = 9.925 * 1.633 = 16.2: +5 is inside. IPS 2x2 / ResNet8
+    (73 x3, SD 0: no spread, must match to 0.005) moved by +0.1: flagged. The rest is unchanged: held."""
+    from ipsd.cli import main
+
+    table, planned, root = tiny
+    fresh = tmp_path / "fresh"
+    shutil.copytree(root / "runs", fresh)
+    for run in planned:
+        path = fresh / run.run_id / "result.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        shift = {"Hard Label": 5.0, "IPS 2x2": 0.1}.get(run.row, 0.0) if run.column == "ResNet8" else 0.0
+        rec["final"]["top1"] += shift
+        path.write_text(json.dumps(rec))
+    code = main(["report", str(root / "tiny.yaml"), "--against", str(root / "runs"), f"out={fresh}"])
+    text = capsys.readouterr().out
+    assert code == 1
+    lines = {tuple(c.strip() for c in l.strip("|").split("|")[:2]): l for l in text.splitlines() if l.startswith("| ")}
+    assert "| moved" in lines[("IPS 2x2", "ResNet8")] and "+0.100" in lines[("IPS 2x2", "ResNet8")]
+    assert "| ok" in lines[("Hard Label", "ResNet8")] and "16.2" in lines[("Hard Label", "ResNet8")]
+    assert "missing fresh" in lines[("IPS", "ResNet20")]  # no seed on either side: listed, never passed
+    assert main(["report", str(root / "tiny.yaml"), "--against", str(root / "runs")]) == 1  # IPS/ResNet20 missing
