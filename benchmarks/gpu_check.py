@@ -72,7 +72,7 @@ class Plan:
         self.epochs = 3 if tiny else 4
         self.train_batch = 16 if tiny else 64
         self.overhead = (3, 2) if tiny else (50, 5)  # (steps, rounds)
-        self.compile_seconds = 5 if tiny else 90  # assumed cost of one compiled measurement, for the budget
+        self.compile_seconds = 5 if tiny else 60  # assumed cost of one compiled measurement, for the budget
 
 
 class Clock:
@@ -126,7 +126,7 @@ def environment(device: torch.device, plan: Plan) -> dict[str, Any]:
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
                    bf16_supported=torch.cuda.is_bf16_supported(),
-                   nccl=".".join(map(str, torch.cuda.nccl.version())) if tdist.is_nccl_available() else None)
+                   nccl=str(torch.cuda.nccl.version()) if tdist.is_nccl_available() else None)
     else:
         env.update(threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine())
     return env
@@ -334,7 +334,7 @@ def check(args) -> int:
     clock = Clock(args.budget_minutes)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    summary: dict[str, Any] = {"environment": environment(device, plan)}
+    summary: dict[str, Any] = {"environment": guarded(lambda: environment(device, plan))}
     write(summary, out)
     data = bench_data(args, plan, device)
     sections: list[tuple[str, Callable[[], Any]]] = [

@@ -114,6 +114,13 @@ def _regress(args: argparse.Namespace) -> None:
     main(names or None, values.get("data_root"), args.update)
 
 
+def _interpolate(args: argparse.Namespace) -> None:
+    from .evaluation.interpolate import draw, interpolate
+
+    result = interpolate(args.run_a, args.run_b, args.points, args.lo, args.hi, args.data_root)
+    print(draw(result, args.out, args.label_a, args.label_b))
+
+
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.folders import FILE_DATASETS
@@ -223,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--update", action="store_true", help="rewrite the goldens and print what changed")
     p.add_argument("overrides", nargs="*", help="data_root=DIR (default: $IPSD_DATA)")
     p.set_defaults(func=_regress)
+
+    p = sub.add_parser("interpolate", help="loss and top-1 along the line between two finished runs' weights "
+                                           "(BatchNorm recomputed at each point); draws a PNG")
+    p.add_argument("run_a", help="run folder at t = 0 (e.g. IPS without swap)")
+    p.add_argument("run_b", help="run folder at t = 1 (e.g. IPS with swap)")
+    p.add_argument("--out", required=True, help="PNG to write (the numbers go beside it as .json)")
+    p.add_argument("--points", type=int, default=11)
+    p.add_argument("--lo", type=float, default=0.0, help="first t (negative: extrapolate beyond A)")
+    p.add_argument("--hi", type=float, default=1.0, help="last t (above 1: beyond B)")
+    p.add_argument("--label-a", default="A")
+    p.add_argument("--label-b", default="B")
+    p.add_argument("--data-root", default=None, help="where the runs' dataset is (default: as recorded, or $IPSD_DATA)")
+    p.set_defaults(func=_interpolate)
 
     p = sub.add_parser("list", help="registered methods, models and datasets; `list method NAME`: its method_args")
     p.add_argument("what", nargs="?", choices=("method",))

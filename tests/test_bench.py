@@ -11,13 +11,14 @@ def test_bench_json_has_every_figure(tmp_path, capsys):
     assert main(["bench", "--quick", "--json", str(path), "--device", "cpu"]) == 0
     out = json.loads(path.read_text())
     for key in ("swap_speedup_vs_loop", "loader_speedup_vs_torchvision", "ips_step_over_hard_step",
-                "swap_fraction_of_ips_step"):
+                "swap_fraction_of_ips_step", "engine_over_minimal", "engine_over_minimal_median"):
         assert math.isfinite(out[key]) and out[key] > 0, key
     methods = set(load_methods().names())
     printed = capsys.readouterr().out
     for m in methods:
         assert f"\n{m} " in printed, m
     assert out["methods"]["hard"]["step_time_vs_hard"] == 1.0
+    assert "engine / minimal loop" in printed
     assert out["methods"]["ips"]["images_per_step"] == 2 * out["methods"]["hard"]["images_per_step"]
 
 
