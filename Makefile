@@ -12,9 +12,13 @@ LAUNCHER ?= gpus
 TABLES := table2 table3 table4 table5 table15
 DATA_ARG = $(if $(DATA),data_root=$(DATA))
 
-.PHONY: help env demo test bench gpu-check regress clean $(TABLES) $(TABLES:%=%-smoke)
+CPU_TABLES := table3 table15 table1
+CPU_OUT := results/cpu/runs
+
+.PHONY: help env demo test bench gpu-check regress clean publish-cpu $(TABLES) $(TABLES:%=%-smoke)
 
 help:
+	@echo "make publish-cpu DATA=DIR   the cpu profiles of Tables 3, 15, 1 on this CPU (finishes what is missing), rendered into results/cpu/<table>/"
 	@echo "make demo [DATA=DIR]   set up, train IPS and Hard Label on a small real subset, compare"
 	@echo "make test              set up and run the test suite (IPSD_DATA=DIR enables CIFAR tests)"
 	@echo "make bench             set up and run 'ipsd bench' on this machine"
@@ -58,3 +62,14 @@ $(TABLES:%=%-smoke): %-smoke: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The published CPU tables: sweep what is missing (two one-thread jobs), then render each table from its records.
+publish-cpu: $(STAMP)
+	for t in $(CPU_TABLES); do $(BIN)/ipsd sweep benchmarks/$$t.yaml --profile cpu --launcher local --jobs 2 $(DATA_ARG) out=$(CPU_OUT) || exit 1; done
+	$(MAKE) render-cpu
+
+render-cpu: $(STAMP)
+	for t in $(CPU_TABLES); do mkdir -p results/cpu/$$t; \
+	  for f in md csv tex; do $(BIN)/ipsd report benchmarks/$$t.yaml --profile cpu --format $$f $(DATA_ARG) out=$(CPU_OUT) > results/cpu/$$t/$$t-cpu.$$f || exit 1; done; \
+	  cp $(CPU_OUT)/reports/$$t-cpu-last.png results/cpu/$$t/; done
+	$(BIN)/ipsd report benchmarks/table1.yaml --profile cpu --metric train --format md $(DATA_ARG) out=$(CPU_OUT) > results/cpu/table1/table1-cpu-train.md

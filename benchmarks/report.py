@@ -39,7 +39,7 @@ REFERENCE_ROW = "Hard Label"
 
 RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_last", "top5_last", "top1_best",
                "top5_best", "best_epoch", "train_top1", "images_per_step", "wall_seconds", "world_size", "device_hours",
-               "device", "execution", "folder", "ran"]
+               "device", "execution", "environment", "folder", "ran"]
 SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "se", "train_top1",
                    "paper_mean",
                    "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed", "ran"]
@@ -86,9 +86,9 @@ def collect(table: Table, planned: list[PlannedRun] | None = None) -> pd.DataFra
                 "top5_best": rec.top5("best"), "best_epoch": rec.best_epoch, "train_top1": rec.train_top1,
                 "images_per_step": rec.images_per_step, "wall_seconds": rec.wall_seconds,
                 "world_size": rec.world_size, "device_hours": rec.device_hours, "device": rec.device_name,
-                "execution": json.dumps(rec.execution, sort_keys=True)}
+                "execution": json.dumps(rec.execution, sort_keys=True), "environment": rec.environment}
                if rec is not None else
-               {k: nan for k in RUN_COLUMNS[6:-3]} | {"device": None, "execution": None}),
+               {k: nan for k in RUN_COLUMNS[6:-4]} | {"device": None, "execution": None, "environment": None}),
             "folder": str(p.folder), "ran": f"{p.cfg.model}, {p.cfg.dataset}",
         })
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"done": bool})
@@ -266,7 +266,7 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
-def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool = True) -> str:
+def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool = True, delta: bool = True) -> str:
     """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)'; '– (paper 80.53)' with no runs; 'n/a' when skipped; '(paper –)'
     for a cell the paper lacks (a control, a new method or model) in a table that has a paper."""
     if s["skipped"]:
@@ -282,7 +282,7 @@ def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool
     if math.isnan(s["paper_mean"]):
         return f"{ours} (paper {dash})" if has_paper else ours
     paper = f"paper {_fmt(s['paper_mean'])}" + (MARK if s.get("paper_holds") is True else "")
-    if not math.isnan(s["delta"]):
+    if delta and not math.isnan(s["delta"]):
         d = f"{round(s['delta'], 2) + 0.0:+.2f}"  # never "-0.00"
         paper += ", " + (d.replace("-", minus, 1) if d.startswith("-") else d)
     return f"{ours} ({paper})"
@@ -313,7 +313,8 @@ def _grid(table: Table, summary: pd.DataFrame, pm_sym: str, minus: str, dash: st
 
     lines = [["Method", *map(label, table.columns), "train top-1", "images/step", "device-h"]]
     for row in table.rows:
-        cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash, table.paper is not None)
+        cells = [_cell_text(pd.Series(by_cell[(row, c)]), pm_sym, minus, dash, table.paper is not None,
+                            delta=table.profile == "full")  # another protocol's difference from the paper means nothing
                  for c in table.columns]
         ips, hours = _row_extras(summary, row)
         label = f"{row} (control)" if _is_control(table, row) else row
@@ -326,8 +327,8 @@ def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
     devices = sorted({d for ds in summary["devices"] for d in ds.split(", ") if d})
     done = int(summary["n_done"].sum())
     expected = int(summary["n_expected"].sum())
-    caveat = ([f"Profile {table.profile!r} is not the paper's protocol: the paper's numbers are for orientation "
-               "only and the deltas are not a reproduction check."] if table.profile != "full" else [])
+    caveat = ([f"Profile {table.profile!r} is not the paper's protocol: the paper's numbers are shown for orientation "
+               "only, without a difference from ours."] if table.profile != "full" else [])
     return [*caveat,
         f"{done}/{expected} runs finished. Cells: mean ± sample std (ddof=1) over finished seeds; "
         f"[k/n] = only k of the protocol's n seeds finished; {DASH} = none finished; n/a = not in the table; "
@@ -499,14 +500,18 @@ def report(path: str | Path, profile: str = "full", overrides: Sequence[str] = (
     _check_choice("metric", metric, METRICS)
     table = load_table(path, profile, list(overrides))
     planned = expand(table)
-    summary = summarize(table, collect(table, planned), metric)
+    runs = collect(table, planned)
+    summary = summarize(table, runs, metric)
     text = render(table, summary, fmt, metric)
     out = Path(planned[0].cfg.out) if planned else Path(str(table.base.get("out", "runs")))
     fig_dir = Path(figure_dir) if figure_dir is not None else out / "reports"
     png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}-{metric}.png")
     done = int(summary["n_done"].sum())
-    read = f"Records: {done} finished run(s) of this table read from {out}." if done else \
-        f"Records: no runs yet in {out} (run `ipsd sweep {path} --profile {table.profile}` first)."
+    finished = runs[runs["done"]].drop_duplicates("run_id")
+    envs = "; ".join(f"{e} ({n} run(s))" for e, n in finished["environment"].value_counts().sort_index().items())
+    read = (f"Records: {done} finished run(s) of this table read from {out}, {finished['device_hours'].sum():.2f} "
+            f"device-hours in all (distinct runs). Ran on: {envs}." if done else
+            f"Records: no runs yet in {out} (run `ipsd sweep {path} --profile {table.profile}` first).")
     if fmt == "md":
         text += f"\n{read}\nFigure: {png}\n"
     elif fmt == "tex":

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _st
 
 MARK = "*"
 NAN = float("nan")
@@ -99,6 +98,8 @@ def welch(a: Summary, b: Summary, level: float = 0.95) -> Diff:
         return Diff(diff, NAN, NAN, NAN, NAN)
     se = math.sqrt(var)
     df = var**2 / (va**2 / (a.n - 1) + vb**2 / (b.n - 1))
+    from scipy import stats as _st  # imported on first use: reading a table needs no scipy start-up
+
     half = float(_st.t.ppf(0.5 + level / 2, df)) * se
     p = float(2 * _st.t.sf(abs(diff) / se, df))
     return Diff(diff, diff - half, diff + half, p, df)

@@ -8,6 +8,8 @@ A run lives in ``<out>/<run id>/``, the run id being a hash of what the run comp
   checkpoint.pt  everything needed to resume; written atomically every epoch (the one before it is kept as
                  checkpoint.prev.pt, the fallback when checkpoint.pt is found damaged)
   result.json    the finished run's record (``"format": 1``); its presence marks the run done
+  eval/<suite>.json  post-hoc evaluations of the finished model (``ipsd evaluate RUN --suite ...``,
+                 ``"format": 1``): the suite's settings and its flat ``metrics``
 
 Every write is atomic (temporary file, fsync, rename), so readers never see half a file; every read goes
 through :class:`RunFolder`, which turns an unreadable file into a :class:`RecordError` naming the file,
@@ -37,6 +39,7 @@ from .errors import RecordError
 CONFIG_FILE, LOG_FILE, CHECKPOINT_FILE, RESULT_FILE = "config.yaml", "log.jsonl", "checkpoint.pt", "result.json"
 PREVIOUS_CHECKPOINT_FILE = "checkpoint.prev.pt"
 RESULT_FORMAT = 1  # result.json schema; records written before the field existed read as format 0
+EVAL_DIR, EVAL_FORMAT = "eval", 1  # eval/<suite>.json and its schema
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -142,6 +145,27 @@ class RunFolder:
 
     def write_result(self, record: dict[str, Any]) -> None:
         atomic_write_json(self.result_path, {**record, "format": RESULT_FORMAT})
+
+    # -- eval/<suite>.json
+    def eval_path(self, suite: str) -> Path:
+        if not suite.isidentifier():
+            raise RecordError(f"evaluation suite {suite!r} is not a plain name (letters, digits, _)")
+        return self.path / EVAL_DIR / f"{suite}.json"
+
+    def read_eval(self, suite: str) -> EvalRecord | None:
+        """The run's finished ``suite`` evaluation, or None when it has not been made."""
+        path = self.eval_path(suite)
+        if not path.is_file():
+            return None
+        data = read_json(path, f"{suite} evaluation", f"delete it (rm {path}) and re-run `ipsd evaluate {self.path} "
+                                                      f"--suite {suite}`")
+        if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+            raise RecordError(f"{path}: not an ipsd evaluation (no 'metrics' mapping); delete it and re-run "
+                              f"`ipsd evaluate {self.path} --suite {suite}`")
+        return EvalRecord(data, path)
+
+    def write_eval(self, suite: str, result: dict[str, Any]) -> None:
+        atomic_write_json(self.eval_path(suite), {**result, "suite": suite, "format": EVAL_FORMAT})
 
     # -- config.yaml
     def read_config(self) -> dict[str, Any]:
@@ -313,6 +337,13 @@ class Record:
         return str(hw.get("device", "unknown")).split(":")[0]
 
     @property
+    def environment(self) -> str:
+        """The machine and software behind the numbers, in a few words (CPU or GPU model, threads, torch)."""
+        hw, ver = self.data.get("hardware") or {}, self.data.get("versions") or {}
+        where = hw.get("gpu") or f"{hw.get('cpu', '?')}, {hw.get('torch_threads', '?')} thread(s)"
+        return f"{where}; torch {ver.get('torch', '?')}"
+
+    @property
     def execution(self) -> dict[str, Any]:
         """What besides the identity decided the numbers (device type, CPU threads); empty in older records."""
         return dict(self.data.get("execution") or {})
@@ -324,6 +355,30 @@ class Record:
     @property
     def curve(self) -> list[dict[str, Any]]:
         return list(self.data.get("curve") or [])
+
+
+class EvalRecord:
+    """One ``eval/<suite>.json``: its settings and flat metrics (named as in the paper CSVs where they exist)."""
+
+    def __init__(self, data: dict[str, Any], path: Path | None = None):
+        self.data, self.path = data, path
+
+    @property
+    def suite(self) -> str:
+        return str(self.data.get("suite"))
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.data.get("settings") or {})
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return dict(self.data["metrics"])
+
+    def metric(self, key: str) -> float:
+        """A metric's value, NaN when this evaluation lacks it."""
+        value = self.data["metrics"].get(key)
+        return math.nan if value is None else float(value)
 
 
 def git_commit() -> str | None:
