@@ -58,11 +58,17 @@ class IPS(Method):
         c = self.cfg
         xa, xb = patch_swap(batch.x, batch.partner, c.grid, self.swap_probability(step), step.generator, c.k_mode)
         za, zb = forward_views(model, xa, xb, joint=c.forward == "joint")
+        return {"ce": 0.5 * c.gamma * (ce(za, batch.y) + ce(zb, batch.y)), "kd": self.distill(za, zb)}
+
+    def distill(self, za, zb):
+        """The KD term between the two views' logits: 0.5 * alpha * (KL(a||b) + KL(b||a)) at T, each target side
+        detached when ``detach_target``."""
+        c = self.cfg
         if c.detach_target:
             kd = kl_t2(za.detach(), zb, c.T) + kl_t2(zb.detach(), za, c.T)
         else:
             kd = symmetric_kl_t2(za, zb, c.T)
-        return {"ce": 0.5 * c.gamma * (ce(za, batch.y) + ce(zb, batch.y)), "kd": 0.5 * c.alpha * kd}
+        return 0.5 * c.alpha * kd
 
     def log_values(self, step):
         return {"p_r": self.swap_probability(step)}

@@ -183,7 +183,7 @@ def step_rows(data: ImageData, plan: Plan, device: torch.device, clock: Clock,
 
 
 def swap_shares(steps: dict[str, dict[str, Any]], plan: Plan, device: torch.device) -> dict[str, Any]:
-    """Patch swap seconds (64 pairs, 4x4 grid, in the configuration's memory format) over the IPS step time."""
+    """Patch swap seconds (the batch of pairs, 4x4 grid, in the configuration's memory format) over the IPS step."""
     shares = {}
     for name, fields in CONFIGS.items():
         ips = steps.get(name, {}).get("ips", {})

@@ -20,7 +20,8 @@ from ipsd.runs import RunFolder
 # Cell keys that describe the table, not the run: `paper_key` (the paper CSV's label), `teacher_run` (a column's
 # teacher recipe), `control` (a row the paper lacks, shown as a control with paper value "–").
 ROW_ONLY_KEYS = ("paper_key", "teacher_run", "control")
-TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric", "extends"}
+TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric", "extends",
+              "evaluate", "metrics"}
 PROFILE_KEYS = {"seeds", "base", "rows", "columns", "skip"}
 
 
@@ -35,6 +36,7 @@ class PaperRef:
     std: str | None = "top1_std"
     train_mean: str | None = None  # the CSV column of the paper's train accuracy (metric "train"), if it has one
     n: int = 3  # runs behind each published mean (the IPS paper: mean ± std of 3 runs), for the Welch test
+    metric: str | None = None  # long-format CSVs (Tables 10-12): the column naming each line's metric
 
 
 @dataclass
@@ -48,6 +50,8 @@ class Table:
     columns: dict[str, dict[str, Any]]
     skip: set[tuple[str, str]] = field(default_factory=set)
     profile: str = "full"
+    evaluate: list[str] = field(default_factory=list)  # suites of `ipsd evaluate` the sweep runs on finished runs
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # {label, suite, key, paper}: eval metrics reported
 
 
 @dataclass
@@ -146,9 +150,27 @@ def load_table(path: str | Path, profile: str = "full", overrides: list[str] = (
     seeds = int(prof.get("seeds", raw.get("seeds", 3)))
     if seeds < 1:
         raise ConfigError(f"{path}: seeds must be >= 1")
+    evaluate, metrics = _evaluations(raw, path)
     return Table(name=raw.get("name", Path(path).stem), title=raw.get("title", ""),
                  paper=build(PaperRef, raw["paper"], "paper.") if raw.get("paper") else None, seeds=seeds, base=base, rows=rows,
-                 columns=columns, skip=skip, profile=profile)
+                 columns=columns, skip=skip, profile=profile, evaluate=evaluate, metrics=metrics)
+
+
+def _evaluations(raw: dict[str, Any], path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """``evaluate:`` (suite names) and ``metrics:`` (each {label, suite, key, paper}, its suite among ``evaluate``)."""
+    from ipsd.evaluation import SUITES
+
+    evaluate = list(raw.get("evaluate") or [])
+    bad = [s for s in evaluate if s not in SUITES]
+    if bad:
+        raise ConfigError(f"{path}: evaluate: unknown suite {bad[0]!r}; use {', '.join(SUITES)}")
+    metrics = list(raw.get("metrics") or [])
+    for m in metrics:
+        if not isinstance(m, dict) or set(m) - {"label", "suite", "key", "paper"} or m.get("suite") not in evaluate \
+                or not isinstance(m.get("key"), str):
+            raise ConfigError(f"{path}: metrics: {m!r} must be {{label, suite, key, paper}} with key a metric name "
+                              f"and suite one of evaluate: {evaluate}")
+    return evaluate, metrics
 
 
 def replicate_seed(identity: dict[str, Any], replicate: int) -> int:

@@ -179,20 +179,31 @@ def trajectories(change: Change, names: list[str] | None, data_root: str | None)
 
 
 def largest(moved: list[regress.Moved]) -> dict[str, Any]:
-    """The largest move of each kind: loss terms and scalars (relative), accuracies (points), state norms (relative)."""
+    """The largest move of each kind: loss terms, logged scalars, step-1 gradient norms and final state norms
+    (relative), accuracies (points)."""
+    method_of = {e.name: e.method for e in regress.entries()}
     kinds: dict[str, Callable[[regress.Moved], bool]] = {
         "loss": lambda m: m.quantity.startswith("loss."),
-        "scalar": lambda m: not (m.quantity.startswith(("loss.", "state")) or m.unit == "pt"),
+        "scalar": lambda m: not (m.quantity.startswith(("loss.", "state", "grad1")) or m.unit == "pt"),
         "accuracy": lambda m: m.unit == "pt",
+        "grad1": lambda m: m.quantity.startswith("grad1."),
         "state": lambda m: m.quantity.startswith("state."),
     }
     out = {}
     for kind, pick in kinds.items():
-        mine = [m for m in moved if pick(m)]
-        top = max(mine, key=lambda m: m.change, default=None)
-        out[kind] = None if top is None else {"change": top.change, "entry": top.entry, "quantity": top.quantity,
-                                              "step": top.step}
+        for label, pool in ((kind, moved), (f"{kind} (not {', '.join(regress.NOISY_METHODS)})",
+                                           [m for m in moved if method_of[m.entry] not in regress.NOISY_METHODS])):
+            top = max((m for m in pool if pick(m)), key=lambda m: m.change, default=None)
+            out[label] = None if top is None else {"change": top.change, "entry": top.entry, "quantity": top.quantity,
+                                                   "step": top.step, "tolerance": top.tolerance}
     return out
+
+
+def worst_ratio(moved: list[regress.Moved]) -> dict[str, Any] | None:
+    """The move closest to (or furthest past) its tolerance: change / tolerance, with where it happened."""
+    top = max((m for m in moved if m.tolerance > 0), key=lambda m: m.change / m.tolerance, default=None)
+    return None if top is None else {"ratio": top.change / top.tolerance, "entry": top.entry,
+                                     "quantity": top.quantity, "step": top.step}
 
 
 def measure(change: Change, baseline: dict[str, dict[str, Any]], data_root: str | None) -> dict[str, Any]:
@@ -200,7 +211,8 @@ def measure(change: Change, baseline: dict[str, dict[str, Any]], data_root: str 
     now = trajectories(change, names, data_root)
     moved = [m for name, traj in now.items() for m in regress.compare(baseline[name], traj)]
     fails = sorted({(m.entry, m.quantity) for m in moved if m.failed})
-    return {"change": change.name, "entries": sorted(now), "largest": largest(moved), "gate_failures": fails}
+    return {"change": change.name, "entries": sorted(now), "largest": largest(moved), "worst_ratio": worst_ratio(moved),
+            "gate_failures": fails}
 
 
 def _fmt(x: dict[str, Any] | None) -> str:
@@ -215,8 +227,10 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
     baseline = trajectories(Change("baseline"), None, data_root)
     golden_moves = [m for e in regress.entries() for g in [regress.read_golden(e)] if g
                     for m in regress.compare(g, baseline[e.name])]
-    report: dict[str, Any] = {"tolerances": {"loss_rtol": regress.LOSS_RTOL, "weights_rtol": regress.WEIGHTS_RTOL,
-                                             "accuracy_atol": regress.ACCURACY_ATOL},
+    report: dict[str, Any] = {"tolerances": {"loss_rtol": regress.LOSS_RTOL, "loss_floor": regress.LOSS_FLOOR,
+                                             "grad_rtol": regress.GRAD_RTOL, "weights_rtol": regress.WEIGHTS_RTOL,
+                                             "accuracy_atol": regress.ACCURACY_ATOL,
+                                             "noisy_methods": regress.NOISY_METHODS},
                               "baseline_matches_goldens": not golden_moves, "noise": [], "plants": [],
                               "made_on": {"versions": versions(), "cpu": cpu_model(),
                                           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
@@ -224,16 +238,27 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
         for change in changes:
             print(f"{group}: {change.name} ...", file=sys.stderr, flush=True)
             report[group].append(measure(change, baseline, data_root))
+            atomic_write_json(REPORT.with_suffix(".partial.json"), report)
     for group in ("noise", "plants"):
-        print(f"\n{group}: largest move (loss terms / scalars relative; accuracies in points; state norms relative)")
+        print(f"\n{group}: largest move (loss terms, scalars, step-1 gradient and final state norms relative; "
+              "accuracies in points), and the move nearest its tolerance")
         for r in report[group]:
-            big = r["largest"]
-            print(f"- {r['change']}: loss {_fmt(big['loss'])}; scalar {_fmt(big['scalar'])}; "
-                  f"accuracy {_fmt(big['accuracy'])}; state {_fmt(big['state'])}; gate failures {len(r['gate_failures'])}")
-    floor = max((r["largest"]["loss"] or {"change": 0.0})["change"] for r in report["noise"])
-    weakest = min((r["largest"]["loss"] or {"change": 0.0})["change"] for r in report["plants"])
-    report["noise_floor_loss_rel"], report["weakest_plant_loss_rel"] = floor, weakest
-    print(f"\nnoise floor (loss terms) {floor:.2e} < LOSS_RTOL {regress.LOSS_RTOL:.0e} < weakest plant {weakest:.2e}")
+            big, w = r["largest"], r["worst_ratio"]
+            print(f"- {r['change']}: " + "; ".join(f"{k} {_fmt(big[k])}" for k in big)
+                  + (f"; nearest tolerance: {w['ratio']:.2f} x ({w['entry']} {w['quantity']})" if w else "")
+                  + f"; gate failures {len(r['gate_failures'])}")
+    print()
+    noisy = f" (not {', '.join(regress.NOISY_METHODS)})"
+    for kind, tol in (("loss", regress.LOSS_RTOL), ("grad1", regress.GRAD_RTOL), ("state", regress.WEIGHTS_RTOL),
+                      ("accuracy", regress.ACCURACY_ATOL)):
+        floor = max((r["largest"][kind + noisy] or {"change": 0.0})["change"] for r in report["noise"])
+        floor_all = max((r["largest"][kind] or {"change": 0.0})["change"] for r in report["noise"])
+        weakest = min((r["largest"][kind] or {"change": 0.0})["change"] for r in report["plants"])
+        report[f"noise_floor_{kind}"], report[f"noise_floor_{kind}_all"] = floor, floor_all
+        report[f"weakest_plant_{kind}"] = weakest
+        print(f"{kind}: noise floor {floor:.2e}{noisy}, {floor_all:.2e} all; tolerance {tol:.0e} "
+              f"(x{max(regress.NOISY_METHODS.values(), default=1):g} for {', '.join(regress.NOISY_METHODS)}); "
+              f"weakest plant {weakest:.2e}")
     return report
 
 
@@ -253,6 +278,7 @@ if __name__ == "__main__":
         root = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("data_root=")), None)
         result = calibrate(root)
         atomic_write_json(REPORT, result)
+        REPORT.with_suffix(".partial.json").unlink(missing_ok=True)
         print(f"wrote {REPORT}")
-        if not all(math.isfinite(result[k]) for k in ("noise_floor_loss_rel", "weakest_plant_loss_rel")):
+        if not math.isfinite(result["noise_floor_loss"]):
             sys.exit(1)

@@ -250,4 +250,9 @@ def sweep(path: str, profile: str = "full", launcher: str = "local", overrides: 
     todo = sorted(print_plan(table, runs, tflops), key=lambda r: r.replicate)
     if todo and not dry_run:
         launch(todo, opts or LaunchOptions())
+    if table.evaluate:  # the table's `evaluate:` suites, on every finished run lacking them (in this process)
+        from ipsd.evaluation.run import evaluate_runs
+
+        _raise_failures(evaluate_runs([(f"{r.row} / {r.column} seed {r.cfg.seed}", r.run, r.cfg.data_root, r.cfg.device)
+                                       for r in runs], table.evaluate, dry_run))
     return runs

@@ -121,6 +121,25 @@ def _interpolate(args: argparse.Namespace) -> None:
     print(draw(result, args.out, args.label_a, args.label_b))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .config import apply_overrides
+    from .evaluation.run import EvalSettings, evaluate_run, summary
+
+    values = apply_overrides({}, args.overrides)
+    unknown = sorted(set(values) - {"data_root"})
+    if unknown:
+        raise ConfigError(f"evaluate: the run's config is fixed; only data_root= may be set, not {', '.join(unknown)}")
+    given = {"bins": args.bins, "eps": tuple(args.eps) if args.eps else None, "steps": args.steps,
+             "corruptions": tuple(args.corruptions) if args.corruptions else None,
+             "severities": tuple(args.severities) if args.severities else None, "source": args.source}
+    settings = EvalSettings(**{k: v for k, v in given.items() if v is not None})
+    for suite in dict.fromkeys(args.suite):
+        rec, computed = evaluate_run(args.run, suite, settings, values.get("data_root"), args.device, args.batch_size,
+                                     args.force)
+        print(f"{suite} ({'evaluated' if computed else 'already evaluated; --force redoes it'}): {summary(rec)}")
+        print(rec.path)
+
+
 def _list(args: argparse.Namespace) -> None:
     from .data import DATASETS
     from .data.folders import FILE_DATASETS
@@ -243,6 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-b", default="B")
     p.add_argument("--data-root", default=None, help="where the runs' dataset is (default: as recorded, or $IPSD_DATA)")
     p.set_defaults(func=_interpolate)
+
+    p = sub.add_parser("evaluate", help="robustness and calibration suites (Tables 10-12) on a finished run's model; "
+                                        "writes eval/<suite>.json into the run folder")
+    p.add_argument("run", help="the run folder `ipsd train` printed")
+    p.add_argument("--suite", nargs="+", required=True, metavar="SUITE",
+                   help="safety (AURC, E-AURC, FPR@95, ECE, Brier, NLL) | attack (FGSM, I-FGSM) | corruption (CIFAR-C)")
+    p.add_argument("--force", action="store_true", help="redo an evaluation that exists")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--bins", type=int, default=None, help="safety: ECE bins (default 15)")
+    p.add_argument("--eps", type=float, nargs="+", default=None,
+                   help="attack: L-inf radii in [0, 1] pixels (default 0 0.001 0.003 0.005 0.01 0.05)")
+    p.add_argument("--steps", type=int, default=None, help="attack: I-FGSM steps of eps/steps each (default 10)")
+    p.add_argument("--corruptions", nargs="+", default=None, help="corruption: names (default: the ten)")
+    p.add_argument("--severities", type=int, nargs="+", default=None, help="corruption: severities (default 1-5)")
+    p.add_argument("--source", default="auto", choices=("auto", "official", "generated"),
+                   help="corruption: official CIFAR-10-C/100-C files under the data root, generated, or official when "
+                        "present (auto)")
+    p.add_argument("overrides", nargs="*", help="data_root=DIR (default: as recorded, else $IPSD_DATA)")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("list", help="registered methods, models and datasets; `list method NAME`: its method_args")
     p.add_argument("what", nargs="?", choices=("method",))

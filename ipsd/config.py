@@ -189,6 +189,11 @@ class RunConfig:
     plugin_ids: list[str] = param([], doc="set by resolution: '<module>@sha256:<digest of its source>' of the plugin "
                                           "that defines the run's method (empty for the suite's own methods)")
     teacher_tolerance: float = param(0.1, lo=0, doc="max |re-measured - recorded| teacher top-1 (points)")
+    label_noise: float = param(0.0, lo=0, hi=1, doc="symmetric label noise: this fraction of the training labels (after "
+                                                    "subsetting) flipped to another class, round(rate * N) of them "
+                                                    "(ipsd.data.label_noise); test labels stay clean; allowed [0, 1)")
+    label_noise_seed: int = param(0, lo=0, doc="seed of the flipped labels (the same for every method and seed of a "
+                                               "run, so rows compare on one noisy set); unused without label_noise")
     # operational keys (not part of the identity)
     teacher: str | None = param(None, doc="teacher: a name in results/teachers.yaml, a run folder or a checkpoint")
     data_root: str | None = param(None, doc="folder holding the dataset; null = $IPSD_DATA")
@@ -215,6 +220,8 @@ class RunConfig:
         if self.compile_mode != "default" and self.compile_backend != "inductor":
             raise ConfigError(f"compile_mode={self.compile_mode!r} needs compile_backend=inductor (the other backends "
                               f"take no mode); remove compile_mode or use compile_backend=inductor")
+        if isinstance(self.label_noise, (int, float)) and not 0 <= self.label_noise < 1:  # 1: no true label left
+            raise ConfigError(f"label_noise={self.label_noise!r} is out of range; allowed [0, 1)")
         if self.warmup_epochs >= self.schedule_ref_epochs > 0:  # (ref <= 0 is refused by its own range)
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} is out of range: the warm-up must end before the "
                               f"{self.schedule_ref_epochs}-epoch schedule does; allowed [0, {self.schedule_ref_epochs - 1}]")
@@ -227,6 +234,9 @@ class RunConfig:
             d.pop(k)
         if not d["plugin_ids"]:  # runs of the suite's own methods keep the identity they had before plugins existed
             d.pop("plugin_ids")
+        if not d["label_noise"]:  # runs on clean labels keep the identity they had before label noise existed
+            d.pop("label_noise")
+            d.pop("label_noise_seed")
         return d
 
 

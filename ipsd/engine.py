@@ -28,6 +28,7 @@ from .data.beton import BetonDataset, default_folder, load_betons, require_ffcv
 from .data.datasets import subset_items
 from .data.folder_loader import FolderLoader
 from .data.folders import FILE_DATASETS
+from .data.label_noise import with_label_noise
 from .data.loader import DeviceLoader, LoaderBase
 from .errors import Interrupted, NonFiniteLoss
 from .losses import accuracy_counts
@@ -136,6 +137,11 @@ def load_data(cfg: RunConfig):
             data = pick(data, cfg.per_class, cfg.classes, cfg.test_per_class)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg.label_noise:  # after subsetting, before anything reads the labels (the sampler pairs by noisy class)
+        try:
+            data = with_label_noise(data, cfg.label_noise, cfg.label_noise_seed)
+        except ValueError as e:
+            raise ConfigError(f"label_noise={cfg.label_noise}: {e}") from None
     present = int(data.train_y.unique().numel())
     if present < 2:
         raise ConfigError(f"the training set holds {present} class(es) (dataset={cfg.dataset}, classes={cfg.classes}); "
@@ -514,7 +520,9 @@ def _train(res: Resolved, info: dist.DistInfo, device: torch.device) -> Path:
         dist.barrier()
 
     if state["epoch"] == cfg.epochs and info.main:
-        run.write_result(_result(res, state, device, info, loader, settings, teacher.info if teacher else None))
+        noise = {"label_noise": data.label_noise} if cfg.label_noise else {}  # with_label_noise's record
+        run.write_result({**_result(res, state, device, info, loader, settings, teacher.info if teacher else None),
+                          **noise})
     dist.barrier()
     return run.path
 

@@ -112,7 +112,8 @@ def test_stop_after_leaves_no_result(tmp_path):
 
 
 def test_resume_after_kill_9_is_exact(tmp_path):
-    args = [sys.executable, "-m", "ipsd", "train", *SMALL, "method=hard", "epochs=8", "per_class=40"]
+    small = [a if not a.startswith("per_class=") else "per_class=40" for a in SMALL]  # each key once
+    args = [sys.executable, "-m", "ipsd", "train", *small, "method=hard", "epochs=8"]
     ref = subprocess.run([*args, f"out={tmp_path / 'a'}"], capture_output=True, text=True, check=True)
     ref_dir = Path(ref.stdout.strip().splitlines()[-1])
     proc = subprocess.Popen([*args, f"out={tmp_path / 'b'}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -165,7 +166,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, nan_method):
     (["modle=resnet8"], r"unknown key 'modle'; did you mean 'model'"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, capsys, args, pattern):
-    assert main(["train", *SMALL, "method=ips", "epochs=1", f"out={tmp_path}", *args]) == 2
+    keys = {a.split("=")[0] for a in args}
+    base = [a for a in SMALL if a.split("=")[0] not in keys]  # each key once: the case's value replaces SMALL's
+    assert main(["train", *base, "method=ips", "epochs=1", f"out={tmp_path}", *args]) == 2
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
     assert not [p for p in tmp_path.iterdir() if p.name != ".locks"], "a refused run must leave no run folder behind"

@@ -13,14 +13,14 @@ import ipsd.losses
 from benchmarks.regress_calibration import PLANTS, kl_t2_explicit, rebound, reversed_sum
 from ipsd import regress
 from ipsd.cli import main
-from ipsd.regress import ACCURACY_ATOL, LOSS_RTOL, WEIGHTS_RTOL, compare
+from ipsd.regress import ACCURACY_ATOL, GRAD_RTOL, LOSS_FLOOR, LOSS_RTOL, WEIGHTS_RTOL, compare
 
 
-def hand_made(ce=(2.0, 1.5), top1=(10.0, 12.0), norm=3.0, sha="aa", kd=(0.0, 0.25)):
+def hand_made(ce=(2.0, 1.5), top1=(10.0, 12.0), norm=3.0, sha="aa", kd=(0.0, 0.25), grad=0.5):
     """A two-step trajectory in the golden layout."""
     return {"entry": "x", "method": "hard", "method_args": {"T": 4.0},
             "series": {"loss.ce": list(ce), "loss.kd": list(kd), "top1": list(top1)}, "top1": top1[-1],
-            "state": {"sha256": sha, "norms": {"model.w": norm}}}
+            "grad1": {"000:4x3": grad}, "state": {"sha256": sha, "norms": {"model.w": norm}}}
 
 
 # ------------------------------------------------------------------------------------- comparison rules
@@ -46,6 +46,15 @@ def test_accuracies_compare_in_points():
     assert (m.quantity, m.step, m.unit, m.change, m.failed) == ("top1", 1, "pt", ACCURACY_ATOL + 1, True)
 
 
+def test_first_step_gradient_norms_are_compared_relatively():
+    (m,) = compare(hand_made(), hand_made(grad=0.5 * (1 + 3 * GRAD_RTOL)))
+    assert (m.quantity, m.step, m.failed) == ("grad1.000:4x3", 1, True) and m.change == pytest.approx(3 * GRAD_RTOL)
+    now = hand_made()
+    now["grad1"]["001:3"] = 0.1  # a parameter that got no gradient before gets one now
+    (m,) = compare(hand_made(), now)
+    assert m.quantity == "grad1.001:3" and math.isinf(m.change) and m.failed
+
+
 def test_state_norms_are_compared_only_when_the_checksum_differs():
     assert compare(hand_made(), hand_made(norm=3.0 * (1 + 2 * WEIGHTS_RTOL))) == []  # same sha256: bit-identical
     (m,) = compare(hand_made(), hand_made(norm=3.0 * (1 + 2 * WEIGHTS_RTOL), sha="bb"))
@@ -54,14 +63,26 @@ def test_state_norms_are_compared_only_when_the_checksum_differs():
     assert m.quantity == "state (sha256 only)" and not m.failed
 
 
-def test_a_zero_golden_fails_on_any_move_and_a_missing_term_fails():
-    assert compare(hand_made(), hand_made(kd=(0.0, 0.25))) == []
-    (m,) = compare(hand_made(), hand_made(kd=(1e-9, 0.25)))
-    assert m.quantity == "loss.kd" and m.step == 1 and m.failed
+def test_a_negligible_loss_term_is_compared_relative_to_the_floor_and_a_missing_term_fails():
+    floor = LOSS_FLOOR * (2.0 + 0.0)  # step 1: kd = 0 beside ce = 2
+    for factor, fails in ((0.5, False), (2.0, True)):
+        (m,) = compare(hand_made(), hand_made(kd=(factor * LOSS_RTOL * floor, 0.25)))
+        assert (m.quantity, m.step, m.failed) == ("loss.kd", 1, fails)
+        assert m.change == pytest.approx(factor * LOSS_RTOL)
     now = hand_made()
     del now["series"]["loss.kd"]
     (m,) = compare(hand_made(), now)
     assert m.quantity == "loss.kd" and math.isinf(m.change) and m.failed
+
+
+def test_a_noisy_method_gets_its_multiplied_tolerances():
+    (name, factor), *_ = regress.NOISY_METHODS.items()
+    golden = {**hand_made(), "method": name}
+    move = 1.5 * (1 + 0.5 * factor * LOSS_RTOL)  # half of its multiplied tolerance, `factor`/2 times the plain one
+    (m,) = compare(golden, {**golden, "series": {**golden["series"], "loss.ce": [2.0, move]}})
+    assert m.tolerance == factor * LOSS_RTOL and not m.failed
+    (m,) = compare(hand_made(), hand_made(ce=(2.0, move)))
+    assert m.tolerance == LOSS_RTOL and m.failed
 
 
 def test_a_changed_default_is_named_beside_what_moved():

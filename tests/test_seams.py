@@ -60,7 +60,8 @@ def test_planner_knows_images_per_step_without_building_any_method(monkeypatch):
         raise AssertionError(f"{type(self).__name__} was built by the planner")
 
     monkeypatch.setattr(Method, "__init__", refuse)
-    two = {"ips", "cskd", "ddgsd", "dlb", "vrm"}  # anchor + partner, or two views (VRM: real + virtual view)
+    two = {"ips", "cskd", "ddgsd", "dlb", "vrm", "hard_2view", "swap", "ips_mix"}  # anchor + partner, or two views (VRM: real +
+    # virtual view; swap loads the partner as its swap source)
     from ipsd.config import RunConfig, build
     from ipsd.resolve import resolve
 

@@ -8,6 +8,7 @@ and drops the remainder; the two agree whenever C divides rate * N, as on CIFAR-
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -75,3 +76,13 @@ def noise_record(clean: Tensor, noisy: Tensor, num_classes: int, rate: float, se
         "noisy_class_counts": torch.bincount(noisy, minlength=num_classes).tolist(),
         "sha256": labels_sha256(noisy),
     }
+
+
+def with_label_noise(data, rate: float, seed: int):
+    """A copy of ``data`` (any dataset dataclass with ``train_y`` and ``num_classes``) whose training labels carry
+    :func:`symmetric_noise` at ``rate`` with ``seed``, and whose ``label_noise`` attribute is the :func:`noise_record`;
+    the test split is the same object as before."""
+    noisy = symmetric_noise(data.train_y, data.num_classes, rate, seed)
+    out = dataclasses.replace(data, train_y=noisy)
+    out.label_noise = noise_record(data.train_y, noisy, data.num_classes, rate, seed)
+    return out
