@@ -211,8 +211,10 @@ def measure(change: Change, baseline: dict[str, dict[str, Any]], data_root: str 
     now = trajectories(change, names, data_root)
     moved = [m for name, traj in now.items() for m in regress.compare(baseline[name], traj)]
     fails = sorted({(m.entry, m.quantity) for m in moved if m.failed})
+    per_entry = {name: {k: (v or {}).get("change", 0.0) for k, v in largest([m for m in moved if m.entry == name]).items()
+                        if "(" not in k} for name in sorted(now)}
     return {"change": change.name, "entries": sorted(now), "largest": largest(moved), "worst_ratio": worst_ratio(moved),
-            "gate_failures": fails}
+            "per_entry": per_entry, "gate_failures": fails}
 
 
 def _fmt(x: dict[str, Any] | None) -> str:
@@ -248,6 +250,14 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
                   + (f"; nearest tolerance: {w['ratio']:.2f} x ({w['entry']} {w['quantity']})" if w else "")
                   + f"; gate failures {len(r['gate_failures'])}")
     print()
+    print("\nnoise, per entry, over every NOISE change: largest move / tolerance (loss, grad1, state, accuracy)")
+    method_of = {e.name: e.method for e in regress.entries()}
+    for name in sorted(baseline):
+        k = regress.NOISY_METHODS.get(method_of[name], 1.0)
+        ratios = [max(r["per_entry"].get(name, {}).get(kind, 0.0) for r in report["noise"]) / (k * tol)
+                  for kind, tol in (("loss", regress.LOSS_RTOL), ("grad1", regress.GRAD_RTOL),
+                                    ("state", regress.WEIGHTS_RTOL), ("accuracy", regress.ACCURACY_ATOL))]
+        print(f"  {name:18s} " + " ".join(f"{x:6.2f}" for x in ratios) + ("  <-- over" if max(ratios) > 1 else ""))
     noisy = f" (not {', '.join(regress.NOISY_METHODS)})"
     for kind, tol in (("loss", regress.LOSS_RTOL), ("grad1", regress.GRAD_RTOL), ("state", regress.WEIGHTS_RTOL),
                       ("accuracy", regress.ACCURACY_ATOL)):

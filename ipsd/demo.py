@@ -38,6 +38,8 @@ def run_demo(data: str | None, out: str, overrides: list[str]) -> None:
         where = f"in {root!r}" if root else "(no --data / DATA= / IPSD_DATA given)"
         print(f"demo: no CIFAR-10 found {where}; using scikit-learn's digits (real 8x8 handwritten digits, "
               f"upscaled x3 and zero-padded to 32x32). Pass DATA=DIR to use CIFAR-10.", file=sys.stderr)
+    given = {o.split("=", 1)[0].strip() for o in overrides}
+    base = [b for b in base if b.split("=", 1)[0] not in given]  # the user's keys replace the demo's defaults
     rows = []
     for method in ("hard", "ips"):
         cfg = load_run_config(None, [*base, f"method={method}", f"out={out}", *overrides])

@@ -42,6 +42,7 @@ BASE: dict[str, Any] = {"model": "resnet8", "dataset": "cifar10", "per_class": 4
 # written by `python -m benchmarks.regress_calibration`): MEASURED_BELOW
 LOSS_RTOL = 2e-3  # loss terms and logged scalars, relative
 LOSS_FLOOR = 1e-4  # a loss term below this share of the step's summed |terms| is compared relative to that floor
+NORM_FLOOR = 1e-2  # likewise a tensor norm below this share of the norm over all tensors (a BN bias, its gradient)
 GRAD_RTOL = 3e-4  # step-1 gradient norms, relative
 WEIGHTS_RTOL = 3e-3  # final state norms, relative
 ACCURACY_ATOL = 2.0  # accuracies in points: one image of the 50-image test set
@@ -293,8 +294,10 @@ def _series_scales(gs: dict[str, list[float | None]], q: str) -> list[float | No
 
 def _norms(moved: list[Moved], entry: str, prefix: str, g: dict[str, float], n: dict[str, float], tol: float,
            step: int | None) -> None:
+    """Per-tensor norms, each relative to max(its golden norm, NORM_FLOOR x the golden's norm over all tensors)."""
+    floor = NORM_FLOOR * math.sqrt(sum(v * v for v in g.values()))
     for key in sorted({*g, *n}):
-        c = _change(g.get(key), n.get(key), abs(g.get(key) or 0.0))
+        c = _change(g.get(key), n.get(key), max(abs(g.get(key) or 0.0), floor))
         if c > 0:
             moved.append(Moved(entry, f"{prefix}.{key}", step, g.get(key), n.get(key), c, tol))
 

@@ -205,8 +205,11 @@ def test_loader_choice_is_checked():
 
 def test_ffcv_missing_fails_with_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "ffcv", None)  # `import ffcv` now raises ImportError
+    res = resolve(load_run_config(None, ["dataset=imagenet", "loader=ffcv"]))  # planning needs no FFCV ...
+    from ipsd.engine import check_environment
+
     with pytest.raises(ConfigError, match="apt-get install libturbojpeg0-dev libopencv-dev pkg-config"):
-        resolve(load_run_config(None, ["dataset=imagenet", "loader=ffcv"]))
+        check_environment(res.cfg)  # ... training does: checked where it starts
 
 
 @pytest.mark.parametrize("method", ["hard", "ips"])

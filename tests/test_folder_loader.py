@@ -142,10 +142,14 @@ def test_resolve_accepts_file_datasets_and_identity_keys():
     assert resolve(load_run_config(None, ["dataset=imagenet", "model=resnet18"])).cfg.dataset == "imagenet"
     with pytest.raises(ConfigError, match="on-disk datasets"):
         resolve(load_run_config(None, ["dataset=imagenett"]))
-    a = resolve(load_run_config(None, ["epochs=3"]))
+    a = resolve(load_run_config(None, ["epochs=3", "dataset=imagenet"]))
     assert a.cfg.identity()["image_size"] == 224 and "workers" not in a.cfg.identity()
-    assert a.run_id == resolve(load_run_config(None, ["epochs=3", "workers=0"])).run_id
-    assert a.run_id != resolve(load_run_config(None, ["epochs=3", "image_size=32"])).run_id
+    assert a.run_id == resolve(load_run_config(None, ["epochs=3", "dataset=imagenet", "workers=0"])).run_id
+    assert a.run_id != resolve(load_run_config(None, ["epochs=3", "dataset=imagenet", "image_size=32"])).run_id
+    # an in-memory run trains at the data's own size: image_size changes nothing there, so not its identity
+    m = resolve(load_run_config(None, ["epochs=3"]))
+    assert "image_size" not in m.cfg.identity()
+    assert m.run_id == resolve(load_run_config(None, ["epochs=3", "image_size=32"])).run_id
 
 
 @pytest.mark.parametrize("method", ["hard", "ips"])
