@@ -211,8 +211,9 @@ def measure(change: Change, baseline: dict[str, dict[str, Any]], data_root: str 
     now = trajectories(change, names, data_root)
     moved = [m for name, traj in now.items() for m in regress.compare(baseline[name], traj)]
     fails = sorted({(m.entry, m.quantity) for m in moved if m.failed})
-    per_entry = {name: {k: (v or {}).get("change", 0.0) for k, v in largest([m for m in moved if m.entry == name]).items()
-                        if "(" not in k} for name in sorted(now)}
+    per_entry = {name: {k: (v or {}).get("change", 0.0)
+                        for k, v in largest([m for m in moved if m.entry == name]).items() if "(" not in k}
+                 for name in sorted(now)}
     return {"change": change.name, "entries": sorted(now), "largest": largest(moved), "worst_ratio": worst_ratio(moved),
             "per_entry": per_entry, "gate_failures": fails}
 
