@@ -10,7 +10,9 @@ variables read when torch starts):
   gate on its entries and names the entry and ``term``.
 
 ``python -m benchmarks.regress_calibration [data_root=DIR]`` measures both against a baseline computed under the
-gate's own settings and writes ``results/regress_noise.json`` (about 10 minutes on a 2-core CPU).
+gate's own settings and writes ``results/regress_noise.json`` (15 minutes on the 2-core CPU here, beside a
+background sweep); ``--summary`` prints a written report again. This machine has one CPU model: other CPUs are
+stood in for by limiting this one's kernels (``AVX2_ENV``, ``SCALAR_ENV``).
 """
 from __future__ import annotations
 
@@ -47,7 +49,9 @@ SCALAR_ENV = {"ATEN_CPU_CAPABILITY": "default", "DNNL_MAX_CPU_ISA": "SSE41", "MK
 @contextlib.contextmanager
 def rebound(original: Any, replacement: Any) -> Iterator[None]:
     """Replace every module-level name bound to ``original`` in ``ipsd.*`` and ``baselines.*``: where the methods
-    look a shared helper up (``from ipsd.losses import kl_t2`` binds it in each importing module)."""
+    look a shared helper up (``from ipsd.losses import kl_t2`` binds it in each importing module). Every method module
+    is imported first: one imported inside the block would bind the replacement for good."""
+    regress.registered_methods()  # imports the baselines package
     targets = [(mod, name) for mod in list(sys.modules.values()) if mod is not None
                and mod.__name__.split(".")[0] in ("ipsd", "baselines")
                for name, value in list(vars(mod).items()) if value is original]
@@ -230,10 +234,10 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
     baseline = trajectories(Change("baseline"), None, data_root)
     golden_moves = [m for e in regress.entries() for g in [regress.read_golden(e)] if g
                     for m in regress.compare(g, baseline[e.name])]
-    report: dict[str, Any] = {"tolerances": {"loss_rtol": regress.LOSS_RTOL, "loss_floor": regress.LOSS_FLOOR,
-                                             "grad_rtol": regress.GRAD_RTOL, "weights_rtol": regress.WEIGHTS_RTOL,
-                                             "accuracy_atol": regress.ACCURACY_ATOL,
-                                             "noisy_methods": regress.NOISY_METHODS},
+    tolerances = {"loss_rtol": regress.LOSS_RTOL, "loss_floor": regress.LOSS_FLOOR, "norm_floor": regress.NORM_FLOOR,
+                  "grad_rtol": regress.GRAD_RTOL, "weights_rtol": regress.WEIGHTS_RTOL,
+                  "accuracy_atol": regress.ACCURACY_ATOL, "noisy_methods": regress.NOISY_METHODS}
+    report: dict[str, Any] = {"tolerances": tolerances,
                               "baseline_matches_goldens": not golden_moves, "noise": [], "plants": [],
                               "made_on": {"versions": versions(), "cpu": cpu_model(),
                                           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}}
@@ -242,6 +246,15 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
             print(f"{group}: {change.name} ...", file=sys.stderr, flush=True)
             report[group].append(measure(change, baseline, data_root))
             atomic_write_json(REPORT.with_suffix(".partial.json"), report)
+    summarise(report)
+    return report
+
+
+KINDS = (("loss", "LOSS_RTOL"), ("grad1", "GRAD_RTOL"), ("state", "WEIGHTS_RTOL"), ("accuracy", "ACCURACY_ATOL"))
+
+
+def summarise(report: dict[str, Any]) -> None:
+    """Print a report's figures (per change, per entry, per kind) and add the per-kind ones to it."""
     for group in ("noise", "plants"):
         print(f"\n{group}: largest move (loss terms, scalars, step-1 gradient and final state norms relative; "
               "accuracies in points), and the move nearest its tolerance")
@@ -250,27 +263,27 @@ def calibrate(data_root: str | None) -> dict[str, Any]:
             print(f"- {r['change']}: " + "; ".join(f"{k} {_fmt(big[k])}" for k in big)
                   + (f"; nearest tolerance: {w['ratio']:.2f} x ({w['entry']} {w['quantity']})" if w else "")
                   + f"; gate failures {len(r['gate_failures'])}")
-    print()
-    print("\nnoise, per entry, over every NOISE change: largest move / tolerance (loss, grad1, state, accuracy)")
+    print("\nnoise, per entry, over every NOISE change: largest move / its tolerance (loss, grad1, state, accuracy)")
     method_of = {e.name: e.method for e in regress.entries()}
-    for name in sorted(baseline):
+    for name in sorted(report["noise"][0]["per_entry"]):
         k = regress.NOISY_METHODS.get(method_of[name], 1.0)
-        ratios = [max(r["per_entry"].get(name, {}).get(kind, 0.0) for r in report["noise"]) / (k * tol)
-                  for kind, tol in (("loss", regress.LOSS_RTOL), ("grad1", regress.GRAD_RTOL),
-                                    ("state", regress.WEIGHTS_RTOL), ("accuracy", regress.ACCURACY_ATOL))]
+        ratios = [max(r["per_entry"].get(name, {}).get(kind, 0.0) for r in report["noise"])
+                  / (k * getattr(regress, tol)) for kind, tol in KINDS]
         print(f"  {name:18s} " + " ".join(f"{x:6.2f}" for x in ratios) + ("  <-- over" if max(ratios) > 1 else ""))
     noisy = f" (not {', '.join(regress.NOISY_METHODS)})"
-    for kind, tol in (("loss", regress.LOSS_RTOL), ("grad1", regress.GRAD_RTOL), ("state", regress.WEIGHTS_RTOL),
-                      ("accuracy", regress.ACCURACY_ATOL)):
+    factors = ", ".join(f"x{v:g} {m}" for m, v in regress.NOISY_METHODS.items())
+    print()
+    for kind, tol in KINDS:
         floor = max((r["largest"][kind + noisy] or {"change": 0.0})["change"] for r in report["noise"])
         floor_all = max((r["largest"][kind] or {"change": 0.0})["change"] for r in report["noise"])
-        weakest = min((r["largest"][kind] or {"change": 0.0})["change"] for r in report["plants"])
+        moved = {r["change"]: r["largest"][kind]["change"] for r in report["plants"] if r["largest"][kind]}
+        weakest = min(moved.items(), key=lambda kv: kv[1], default=("none", 0.0))
         report[f"noise_floor_{kind}"], report[f"noise_floor_{kind}_all"] = floor, floor_all
-        report[f"weakest_plant_{kind}"] = weakest
-        print(f"{kind}: noise floor {floor:.2e}{noisy}, {floor_all:.2e} all; tolerance {tol:.0e} "
-              f"(x{max(regress.NOISY_METHODS.values(), default=1):g} for {', '.join(regress.NOISY_METHODS)}); "
-              f"weakest plant {weakest:.2e}")
-    return report
+        report[f"weakest_plant_{kind}"] = weakest[1]
+        still = [r["change"] for r in report["plants"] if not r["largest"][kind]]
+        print(f"{kind}: noise floor {floor:.2e}{noisy}, {floor_all:.2e} all; tolerance {getattr(regress, tol):.0e} "
+              f"({factors}); weakest plant {weakest[1]:.2e} ({weakest[0]})"
+              + (f"; not moved by: {', '.join(still)}" if still else ""))
 
 
 def _worker(argv: list[str]) -> None:
@@ -285,6 +298,8 @@ def _worker(argv: list[str]) -> None:
 if __name__ == "__main__":
     if "--worker" in sys.argv:
         _worker(sys.argv)
+    elif "--summary" in sys.argv:  # re-print the saved report's figures without measuring again
+        summarise(json.loads(REPORT.read_text()))
     else:
         root = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("data_root=")), None)
         result = calibrate(root)
