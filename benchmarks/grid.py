@@ -21,7 +21,7 @@ from ipsd.runs import RunFolder
 # teacher recipe), `control` (a row the paper lacks, shown as a control with paper value "–").
 ROW_ONLY_KEYS = ("paper_key", "teacher_run", "control")
 TABLE_KEYS = {"name", "title", "paper", "seeds", "base", "rows", "columns", "skip", "profiles", "metric", "extends",
-              "evaluate", "metrics"}
+              "evaluate", "metrics", "notes"}
 PROFILE_KEYS = {"seeds", "base", "rows", "columns", "skip"}
 
 
@@ -52,6 +52,7 @@ class Table:
     profile: str = "full"
     evaluate: list[str] = field(default_factory=list)  # suites of `ipsd evaluate` the sweep runs on finished runs
     metrics: list[dict[str, Any]] = field(default_factory=list)  # {label, suite, key, paper}: eval metrics reported
+    notes: list[str] = field(default_factory=list)  # printed under the rendered table (facts about the paper's numbers)
 
 
 @dataclass
@@ -151,9 +152,13 @@ def load_table(path: str | Path, profile: str = "full", overrides: list[str] = (
     if seeds < 1:
         raise ConfigError(f"{path}: seeds must be >= 1")
     evaluate, metrics = _evaluations(raw, path)
+    notes = raw.get("notes") or []
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        raise ConfigError(f"{path}: notes must be a list of strings")
     return Table(name=raw.get("name", Path(path).stem), title=raw.get("title", ""),
                  paper=build(PaperRef, raw["paper"], "paper.") if raw.get("paper") else None, seeds=seeds, base=base, rows=rows,
-                 columns=columns, skip=skip, profile=profile, evaluate=evaluate, metrics=metrics)
+                 columns=columns, skip=skip, profile=profile, evaluate=evaluate, metrics=metrics,
+                 notes=list(notes))
 
 
 def _evaluations(raw: dict[str, Any], path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:

@@ -107,14 +107,17 @@ def _label(values: pd.DataFrame, spec: str | list[str]) -> list[str]:
     return [" / ".join(str(v).strip() for v in vals) for vals in zip(*(values[c] for c in cols))]
 
 
-def paper_values(table: Table, metric: str = "last") -> dict[tuple[str, str], tuple[float, float | None]]:
+def paper_values(table: Table, metric: str = "last",
+                 paper_metric: str | None = None) -> dict[tuple[str, str], tuple[float, float | None]]:
     """(row label, column label) of the table -> the paper's (mean, std); std None when the paper gives none.
 
     Labels are matched through ``paper_key`` (column or row spec key; defaults to the label). Cells the
-    CSV lacks, or whose mean is empty, are absent: a missing paper number is never a zero.
+    CSV lacks, or whose mean is empty, are absent: a missing paper number is never a zero. A long-format CSV
+    (``paper.metric`` names its metric column, Tables 10-12) holds several lines per cell: only the lines of
+    ``paper_metric`` are read, and without one there is no paper top-1 to give.
     """
     ref = table.paper
-    if ref is None or (metric == "train" and ref.train_mean is None):
+    if ref is None or (metric == "train" and ref.train_mean is None) or (ref.metric and paper_metric is None):
         return {}
     if metric == "train":
         ref = dataclasses.replace(ref, mean=ref.train_mean, std=None)
@@ -126,11 +129,13 @@ def paper_values(table: Table, metric: str = "last") -> dict[tuple[str, str], tu
     df.columns = [c.strip() for c in df.columns]
     needed = [ref.row] if isinstance(ref.row, str) else list(ref.row)
     needed += [ref.column] if isinstance(ref.column, str) else list(ref.column)
-    needed += [ref.mean] + ([ref.std] if ref.std else [])
+    needed += [ref.mean] + ([ref.std] if ref.std else []) + ([ref.metric] if ref.metric else [])
     missing = [c for c in needed if c not in df.columns]
     if missing:
         raise ConfigError(f"{table.name}: {path.name} has no column(s) {missing} named in `paper:`; "
                           f"its columns are {list(df.columns)}")
+    if ref.metric:
+        df = df[df[ref.metric].str.strip() == paper_metric].reset_index(drop=True)
     rows = _label(df, ref.row)
     cols = _label(df, ref.column)
     # empty (or non-numeric) cells -> NaN -> absent, never 0
@@ -501,11 +506,22 @@ def report(path: str | Path, profile: str = "full", overrides: Sequence[str] = (
     table = load_table(path, profile, list(overrides))
     planned = expand(table)
     runs = collect(table, planned)
-    summary = summarize(table, runs, metric)
-    text = render(table, summary, fmt, metric)
     out = Path(planned[0].cfg.out) if planned else Path(str(table.base.get("out", "runs")))
     fig_dir = Path(figure_dir) if figure_dir is not None else out / "reports"
-    png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}-{metric}.png")
+    if table.metrics:  # Tables 10-12: rows x measured metrics (benchmarks/metric_table.py)
+        from benchmarks.metric_table import collect_metrics, figure_metrics, render_metrics, summarize_metrics
+
+        if metric != "last":
+            raise ConfigError(f"{table.name} reports the metrics of its `metrics:` list; --metric {metric} applies "
+                              "to top-1 tables only (drop it)")
+        summary = summarize(table, runs, metric)  # for the records line below
+        msummary = summarize_metrics(table, collect_metrics(table, planned))
+        text = render_metrics(table, msummary, fmt)
+        png = figure_metrics(table, msummary, fig_dir / f"{table.name}-{table.profile}-metrics.png")
+    else:
+        summary = summarize(table, runs, metric)
+        text = render(table, summary, fmt, metric)
+        png = figure(table, summary, fig_dir / f"{table.name}-{table.profile}-{metric}.png")
     done = int(summary["n_done"].sum())
     finished = runs[runs["done"]].drop_duplicates("run_id")
     envs = "; ".join(f"{e} ({n} run(s))" for e, n in finished["environment"].value_counts().sort_index().items())
