@@ -46,7 +46,7 @@ KNOWN_TRAIN_SIZES = {"cifar10": (50000, 10), "cifar100": (50000, 100), "digits":
 
 @dataclass
 class LaunchOptions:
-    jobs: int = 1  # local: runs at once
+    jobs: int | None = None  # local: runs at once; None = local_jobs() (one one-thread job per core on CPU)
     nproc: int = 1  # torchrun: processes (GPUs) per node
     nnodes: int = 1
     rdzv_endpoint: str | None = None
@@ -158,9 +158,24 @@ def _raise_failures(failures: list[str]) -> None:
                          "are kept and skipped):\n" + "\n".join(failures))
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity, as a container or taskset limits it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def local_jobs(runs: list[PlannedRun]) -> int:
+    """The default number of local runs at once. On CPU, one one-thread run per core: measured on a quiet 2-core
+    Xeon (resnet8, CIFAR-10 batch 64), two one-thread jobs trained 1345 images/s together against 888 for one
+    two-thread job (1.5x), since small convolutions use a second thread poorly. With CUDA, one run (it takes the
+    GPU; `--launcher gpus` spreads runs over several)."""
+    on_gpu = any(r.cfg.device == "cuda" or (r.cfg.device == "auto" and torch.cuda.is_available()) for r in runs)
+    return 1 if on_gpu else max(1, min(usable_cores(), len(runs)))
+
+
 @LAUNCHERS.register("local")
 def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
-    if opts.jobs == 1:  # in this process: no interpreter start-up per run
+    jobs = opts.jobs or local_jobs(runs)
+    if jobs == 1:  # in this process: no interpreter start-up per run
         from ipsd.engine import train
 
         failures = []
@@ -173,8 +188,8 @@ def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
                 failures.append(_failure(run, f"{type(e).__name__}: {e}" if not isinstance(e, IpsdError) else str(e)))
         _raise_failures(failures)
         return
-    threads = max(1, (os.cpu_count() or 1) // opts.jobs)  # the cores shared out; recorded in each run's record
-    _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * opts.jobs,
+    threads = max(1, usable_cores() // jobs)  # the cores shared out; recorded in each run's record
+    _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * jobs,
                lambda r: _command(r.cfg if r.cfg.threads else dataclasses.replace(r.cfg, threads=threads)))
 
 

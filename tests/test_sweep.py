@@ -1,5 +1,6 @@
 """Sweeps: grid expansion, derived seeds, resuming only what is missing, launchers (local, slurm via
 submitit's local executor), and the table3 smoke profile end to end (sweep -> report) on CIFAR-10."""
+import dataclasses
 import json
 import signal
 import subprocess
@@ -160,3 +161,29 @@ columns:
     recorded = json.loads((kd.folder / "result.json").read_text())["teacher"]
     assert recorded["run_dir"] == str(teacher_folder.resolve())
     assert kd.cfg.teacher_id == f"run:{teacher_folder.name}"
+
+
+def test_local_sweeps_default_to_one_one_thread_job_per_core_on_cpu(tmp_path, monkeypatch):
+    from benchmarks import sweep as sweep_module
+
+    runs = expand(load_table(tiny_table(tmp_path)))
+    cpu = [dataclasses.replace(r, resolved=dataclasses.replace(r.resolved, cfg=dataclasses.replace(r.cfg, device="cpu")))
+           for r in runs]
+    monkeypatch.setattr(sweep_module, "usable_cores", lambda: 2)
+    assert sweep_module.local_jobs(cpu) == 2 and sweep_module.local_jobs(cpu[:1]) == 1
+    monkeypatch.setattr(sweep_module, "usable_cores", lambda: 64)
+    assert sweep_module.local_jobs(cpu) == len(cpu)  # never more jobs than runs
+    gpu = [dataclasses.replace(r, resolved=dataclasses.replace(r.resolved, cfg=dataclasses.replace(r.cfg, device="cuda")))
+           for r in runs]
+    assert sweep_module.local_jobs(gpu) == 1
+    seen = []
+    monkeypatch.setattr(sweep_module, "_run_queue", lambda todo, envs, command: seen.append(envs))
+    monkeypatch.setattr(sweep_module, "usable_cores", lambda: 2)
+    sweep_module.launch_local(cpu, LaunchOptions())
+    assert seen == [[{"OMP_NUM_THREADS": "1"}] * 2]  # two jobs, one thread each
+
+
+def test_jobs_below_one_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ipsd", "sweep", str(tiny_table(tmp_path)), "--jobs", "0"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().startswith("ipsd: error: --jobs 0 is out of range")
