@@ -25,6 +25,7 @@ from tabulate import tabulate
 import torch.nn.functional as F
 
 from ipsd.config import RunConfig
+from ipsd.errors import ConfigError
 from ipsd.data import ImageData, load_dataset, subset
 from ipsd.data.batch import Needs
 from ipsd.data.loader import DeviceLoader
@@ -278,7 +279,16 @@ def _cycle(loader: DeviceLoader):
 
 
 def run_bench(json_path: str | None = None, device_pref: str = "auto", quick: bool = False,
-              data_root: str | None = None, model: str | None = None) -> dict[str, Any]:
+              data_root: str | None = None, model: str | None = None, plugins: tuple[str, ...] = (),
+              methods: list[str] | None = None) -> dict[str, Any]:
+    """Every figure of ``ipsd bench``; ``plugins`` register the user's methods first (their lines join the
+    per-method table), ``methods`` limits that table (Hard Label, the reference, is always measured)."""
+    registry = load_methods(plugins)  # first: a bad plugin or method name fails before minutes of timing
+    for name in methods or []:
+        try:
+            registry.get(name)
+        except KeyError as e:
+            raise ConfigError(f"bench --methods: {e.args[0]}") from None
     device = pick_device(device_pref)
     model = model or ("resnet18" if device.type == "cuda" else "resnet8")
     repeats = 3 if quick else 10
@@ -316,8 +326,8 @@ def run_bench(json_path: str | None = None, device_pref: str = "auto", quick: bo
 
     rows, per_method = [], {}
     base = steps.measure("hard", 64, repeats)
-    for name in load_methods().names():
-        cls = load_methods().get(name)
+    for name in methods or registry.names():
+        cls = registry.get(name)
         predicted = cls.predicted_cost(cls.resolve_config(model, {}))
         try:
             r = base if name == "hard" else steps.measure(name, 64, repeats)

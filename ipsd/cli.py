@@ -38,7 +38,7 @@ def _bench(args: argparse.Namespace) -> None:
         return
     from benchmarks.bench import run_bench
 
-    run_bench(args.json, args.device, args.quick, args.data, args.model)
+    run_bench(args.json, args.device, args.quick, args.data, args.model, tuple(args.plugins), args.methods)
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -113,7 +113,7 @@ def _regress(args: argparse.Namespace) -> None:
     unknown = sorted(set(values) - {"data_root"})
     if unknown:
         raise ConfigError(f"regress: the gate's runs are fixed; only data_root= may be set, not {', '.join(unknown)}")
-    main(names or None, values.get("data_root"), args.update)
+    main(names or None, values.get("data_root"), args.update, tuple(args.plugins), args.goldens)
 
 
 def _interpolate(args: argparse.Namespace) -> None:
@@ -197,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: images/s of the folder and FFCV loaders on generated ImageNet-like JPEGs")
     p.add_argument("--images", type=int, default=2000, help="--file-loaders: train images to generate")
     p.add_argument("--workers", type=int, default=2, help="--file-loaders: decoding workers of both loaders")
+    p.add_argument("--plugins", nargs="+", default=(), metavar="MODULE",
+                   help="also time the methods these modules (.py paths or dotted names) register")
+    p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                   help="the per-method table for these methods only (default: every registered method)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("sweep", help="run a paper table's grid (skips finished runs, resumes unfinished ones)")
@@ -251,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", default=None, metavar="NAME",
                    help="entries (e.g. ips-constant) or methods (all their entries); default: all")
     p.add_argument("--update", action="store_true", help="rewrite the goldens and print what changed")
+    p.add_argument("--plugins", nargs="+", default=(), metavar="MODULE",
+                   help="gate the methods these modules (.py paths or dotted names) register, instead of ipsd's")
+    p.add_argument("--goldens", default=None, metavar="DIR",
+                   help="the goldens' folder (default: ipsd's results/regress; required with --plugins)")
     p.add_argument("overrides", nargs="*", help="data_root=DIR (default: $IPSD_DATA)")
     p.set_defaults(func=_regress)
 

@@ -72,10 +72,12 @@ class Entry:
     method: str
     method_args: dict[str, Any] = field(default_factory=dict)
     why: str = ""
+    plugins: tuple[str, ...] = ()  # the user's modules registering ``method`` (a method outside ``baselines``)
 
     @property
     def update_command(self) -> str:
-        return f"ipsd regress --methods {self.name} --update"
+        where = f" --plugins {' '.join(self.plugins)} --goldens DIR" if self.plugins else ""
+        return f"ipsd regress --methods {self.name}{where} --update"
 
 
 # Options the paper tables (benchmarks/table*.yaml) and the baselines' flagged code/paper forms use, each its own
@@ -103,23 +105,30 @@ class GateFailed(IpsdError):
     """A recomputed trajectory left its golden's tolerance, or an entry has no golden."""
 
 
-def registered_methods() -> list[str]:
-    """The methods the gate covers: those the ``baselines`` package registers (tests may register others)."""
-    from .resolve import load_methods
+def registered_methods(plugins: tuple[str, ...] = ()) -> list[str]:
+    """The methods the gate covers: those the ``baselines`` package registers (tests may register others); with
+    ``plugins``, those the plugin modules register instead (a user's methods, whose goldens live in their repo)."""
+    from .resolve import import_plugin, load_methods
 
-    reg = load_methods()
+    reg = load_methods(plugins)
+    if plugins:
+        modules = {import_plugin(p).split("@")[0] for p in plugins}
+        return [n for n in reg.names() if reg.get(n).__module__.removeprefix("ipsd_plugin_") in modules]
     return [n for n in reg.names() if reg.get(n).__module__.startswith("baselines.")]
 
 
-def entries() -> list[Entry]:
-    """Every entry: each registered method with its defaults, then the options of ``ENTRY_OPTIONS``."""
-    methods = registered_methods()
+def entries(plugins: tuple[str, ...] = ()) -> list[Entry]:
+    """Every entry: each registered method with its defaults, then the options of ``ENTRY_OPTIONS``; with
+    ``plugins``, each method of the plugins with its defaults."""
+    methods = registered_methods(plugins)
+    if plugins:
+        return [Entry(m, m, {}, "defaults", tuple(plugins)) for m in methods]
     return [Entry(m, m, {}, "defaults") for m in methods] + [e for e in ENTRY_OPTIONS if e.method in methods]
 
 
-def select(names: list[str] | None, exact: bool = False) -> list[Entry]:
+def select(names: list[str] | None, exact: bool = False, plugins: tuple[str, ...] = ()) -> list[Entry]:
     """Entries named (an entry name, or a method name for all its entries; ``exact``: entry names only); None: all."""
-    every = entries()
+    every = entries(plugins)
     if not names:
         return every
     picked: list[Entry] = []
@@ -139,7 +148,7 @@ def run_config(entry: Entry, out: Path, data_root: str | None, teacher: Path | N
     from .config import RunConfig, build
 
     values = {**BASE, **(overrides or {}), "method": entry.method, "method_args": dict(entry.method_args),
-              "data_root": data_root, "out": str(out)}
+              "data_root": data_root, "out": str(out), "plugins": list(entry.plugins)}
     if teacher is not None:
         values["teacher"] = str(teacher)
     return build(RunConfig, values)
@@ -208,6 +217,7 @@ def trajectory(entry: Entry, run: Path, grad1: dict[str, float]) -> dict[str, An
         raise IpsdError(f"{run}: the run of entry {entry.name} did not finish (no result.json)")
     ckpt = folder.load_checkpoint()
     return {"entry": entry.name, "method": entry.method, "method_args": rec.config.get("method_args", {}),
+            "plugin_ids": list(rec.config.get("plugin_ids") or []),
             "series": series_of(rec.curve), "top1": rec.top1(), "grad1": grad1,
             "state": state_fingerprint({"model": ckpt["model"], "method": ckpt.get("method", {})})}
 
@@ -235,7 +245,7 @@ def compute(selected: list[Entry], data_root: str | None, out: Path, overrides: 
     try:
         from .resolve import load_methods
 
-        reg = load_methods()
+        reg = load_methods(tuple(p for e in selected for p in e.plugins))
         for entry in selected:
             start = time.perf_counter()
             if reg.get(entry.method).needs_teacher and teacher is None:
@@ -345,8 +355,11 @@ def compare(golden: dict[str, Any], now: dict[str, Any]) -> list[Moved]:
 def config_notes(golden: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """Resolved method_args that differ from the golden's: context for a move (a changed default), not a failure."""
     g, n = golden.get("method_args", {}), now.get("method_args", {})
-    return [f"{golden['entry']}: method_args.{k} {g.get(k, '(absent)')!r} -> {n.get(k, '(absent)')!r}"
-            for k in sorted({*g, *n}) if g.get(k) != n.get(k)]
+    notes = [f"{golden['entry']}: method_args.{k} {g.get(k, '(absent)')!r} -> {n.get(k, '(absent)')!r}"
+             for k in sorted({*g, *n}) if g.get(k) != n.get(k)]
+    if golden.get("plugin_ids", []) != now.get("plugin_ids", []):  # the plugin's source changed since its golden
+        notes.append(f"{golden['entry']}: plugin {golden.get('plugin_ids')} -> {now.get('plugin_ids')}")
+    return notes
 
 
 def summarise(moved: list[Moved], per_entry: int = 6) -> list[Moved]:
@@ -456,10 +469,17 @@ class Outcome:
 
 
 def check(names: list[str] | None = None, data_root: str | None = None, update: bool = False,
-          folder: Path = GOLDEN_DIR, log=None, exact: bool = False) -> Outcome:
+          folder: Path = GOLDEN_DIR, log=None, exact: bool = False, plugins: tuple[str, ...] = ()) -> Outcome:
     """Recompute the selected entries (``select``) in a temporary folder and compare them with the goldens in
-    ``folder``; ``update``: then write the recomputed goldens (the outcome is the diff against the old ones)."""
-    selected = select(names, exact)
+    ``folder``; ``update``: then write the recomputed goldens (the outcome is the diff against the old ones).
+    ``plugins``: the gate of the methods these modules register, with goldens in the user's ``folder``."""
+    if plugins and Path(folder).resolve() == GOLDEN_DIR.resolve():
+        raise ConfigError("regress --plugins: give --goldens DIR, a folder of your repository for your methods' "
+                          f"goldens ({GOLDEN_DIR} holds ipsd's own)")
+    selected = select(names, exact, tuple(plugins))
+    if not selected:
+        raise ConfigError(f"regress --plugins: {', '.join(plugins)} register no method")
+    folder = Path(folder)
     outcome = Outcome(checked=[e.name for e in selected])
     if names is None and folder.is_dir():
         known = {e.name for e in selected}
@@ -484,6 +504,7 @@ def check(names: list[str] | None = None, data_root: str | None = None, update: 
             outcome.moved += compare(golden, now[entry.name])
             outcome.notes += config_notes(golden, now[entry.name])
         if update:
+            folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(folder / f"{entry.name}.json", golden_record(now[entry.name], entry))
     if update:
         for path in outcome.stale:
@@ -491,13 +512,16 @@ def check(names: list[str] | None = None, data_root: str | None = None, update: 
     return outcome
 
 
-def main(names: list[str] | None, data_root: str | None, update: bool) -> None:
+def main(names: list[str] | None, data_root: str | None, update: bool, plugins: tuple[str, ...] = (),
+         folder: Path | None = None) -> None:
     """``ipsd regress``: print what moved; raise GateFailed (exit 1) on any failure unless updating."""
-    outcome = check(names, data_root, update, log=lambda s: print(s, file=sys.stderr, flush=True))
+    folder = GOLDEN_DIR if folder is None else Path(folder)
+    outcome = check(names, data_root, update, folder, log=lambda s: print(s, file=sys.stderr, flush=True),
+                    plugins=plugins)
     print(outcome.render(update))
     if update:
         made = [e.name for e in outcome.missing]
-        print(f"wrote {len(outcome.checked)} goldens to {GOLDEN_DIR}" + (f" (new: {', '.join(made)})" if made else "")
+        print(f"wrote {len(outcome.checked)} goldens to {folder}" + (f" (new: {', '.join(made)})" if made else "")
               + (f"; removed {len(outcome.stale)} stale" if outcome.stale else ""))
         return
     if not outcome.ok:

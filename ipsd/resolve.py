@@ -40,7 +40,8 @@ def load_methods(plugins: Sequence[str] = ()) -> Registry[type[Method]]:
 
 
 def import_plugin(ref: str) -> str:
-    """Import a plugin (a dotted module name, or the path of a .py file) once; returns its identity,
+    """Import a plugin (a dotted module name, or the path of a .py file; a file again when its source changed);
+    returns its identity,
     ``<module>@sha256:<digest of its source file>``, so a result traces back to the exact code that produced it."""
     path = Path(ref).expanduser()
     try:
@@ -49,10 +50,12 @@ def import_plugin(ref: str) -> str:
                 raise ConfigError(f"plugins: {ref!r} does not exist; give the path of a .py file or a module name")
             name = f"ipsd_plugin_{path.stem}"
             module = sys.modules.get(name)
-            if module is None or Path(module.__file__).resolve() != path.resolve():
+            if module is None or Path(module.__file__).resolve() != path.resolve() or \
+                    getattr(module, "__ipsd_source__", None) != path.read_bytes():  # edited since: run the new code
                 spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
+                module.__ipsd_source__ = path.read_bytes()  # the source the identity's hash is taken of
                 spec.loader.exec_module(module)
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
@@ -69,7 +72,8 @@ def import_plugin(ref: str) -> str:
     source = Path(getattr(module, "__file__", "") or "")
     if not source.is_file():
         raise ConfigError(f"plugins: {ref!r} has no source file to hash; a plugin must be a .py module")
-    return f"{module.__name__.removeprefix('ipsd_plugin_')}@sha256:{hashlib.sha256(source.read_bytes()).hexdigest()}"
+    code = getattr(module, "__ipsd_source__", None) or source.read_bytes()  # a file plugin: the bytes that ran
+    return f"{module.__name__.removeprefix('ipsd_plugin_')}@sha256:{hashlib.sha256(code).hexdigest()}"
 
 
 @dataclasses.dataclass

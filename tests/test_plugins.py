@@ -1,6 +1,7 @@
 """A new method from the user's own code (a plugin), in a table that extends the paper's, reported beside it."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -92,3 +93,41 @@ columns: {{Tiny: {{model: resnet8}}}}
     proc = subprocess.run([sys.executable, "-m", "ipsd", "train", *DIGITS, "method=hard", f"plugins=[{broken}]"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "RuntimeError: my bug" in proc.stderr
+
+
+def test_plugin_method_gets_its_regression_golden_in_the_users_folder(cifar10_root, tmp_path):
+    """`ipsd regress --plugins FILE --goldens DIR --update`, then the gate: no ipsd file is written or edited."""
+    from ipsd.errors import ConfigError
+    from ipsd.regress import GOLDEN_DIR, GateFailed, main
+
+    plugin = tmp_path / "mine" / "pskd.py"
+    plugin.parent.mkdir()
+    shutil.copy(EXAMPLE, plugin)
+    goldens = tmp_path / "mine" / "regress"
+    ours_before = sorted(p.name for p in GOLDEN_DIR.iterdir())
+    with pytest.raises(ConfigError, match="give --goldens DIR"):
+        main(None, str(cifar10_root), True, (str(plugin),))
+    main(["pskd"], str(cifar10_root), True, (str(plugin),), goldens)
+    golden = json.loads((goldens / "pskd.json").read_text())
+    assert golden["entry"] == "pskd" and golden["plugin_ids"][0].startswith("pskd@sha256:")
+    assert sorted(p.name for p in GOLDEN_DIR.iterdir()) == ours_before
+    main(None, str(cifar10_root), False, (str(plugin),), goldens)  # the same code: within tolerance
+    # a behaviour change in the user's method (alpha_T 0.8 -> 0.5; PS-KD's targets move from step 2 on) fails it
+    plugin.write_text(plugin.read_text().replace("param(0.8,", "param(0.5,"))  # the edited file runs, not the old
+    with pytest.raises(GateFailed, match=r"pskd \("):
+        main(None, str(cifar10_root), False, (str(plugin),), goldens)
+
+
+def test_plugin_method_has_its_line_in_the_bench(tmp_path, capsys):
+    from benchmarks.bench import run_bench
+    from ipsd.errors import ConfigError
+
+    plugin = tmp_path / "pskd.py"
+    shutil.copy(EXAMPLE, plugin)
+    with pytest.raises(ConfigError, match="bench --methods: unknown method 'nosuch'"):
+        run_bench(quick=True, plugins=(str(plugin),), methods=["nosuch"])
+    out = run_bench(quick=True, plugins=(str(plugin),), methods=["hard", "pskd"])
+    assert set(out["methods"]) == {"hard", "pskd"}
+    assert out["methods"]["pskd"]["images_per_step"] == 64  # one view per anchor, as declared by its needs
+    table = capsys.readouterr().out.split("per method at batch 64")[1]
+    assert any(line.startswith("pskd ") for line in table.splitlines())
