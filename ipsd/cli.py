@@ -127,10 +127,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .config import apply_overrides
     from .evaluation.run import EvalSettings, evaluate_run, summary
 
-    values = apply_overrides({}, args.overrides)
+    from .evaluation import SUITES
+
+    # key=value after --suite or --corruptions (nargs='+') belongs to the overrides
+    trailing = [a for a in [*args.suite, *(args.corruptions or [])] if "=" in a]
+    args.suite = [a for a in args.suite if "=" not in a]
+    args.corruptions = [a for a in args.corruptions or [] if "=" not in a] or None
+    values = apply_overrides({}, [*args.overrides, *trailing])
     unknown = sorted(set(values) - {"data_root"})
     if unknown:
         raise ConfigError(f"evaluate: the run's config is fixed; only data_root= may be set, not {', '.join(unknown)}")
+    bad = [s for s in args.suite if s not in SUITES]
+    if bad or not args.suite:  # before any suite runs: a typo must not cost the suites before it
+        raise ConfigError(f"unknown suite {bad[0] if bad else '(none given)'!r}; use one of {', '.join(SUITES)}")
     given = {"bins": args.bins, "eps": tuple(args.eps) if args.eps else None, "steps": args.steps,
              "corruptions": tuple(args.corruptions) if args.corruptions else None,
              "severities": tuple(args.severities) if args.severities else None, "source": args.source}

@@ -190,3 +190,14 @@ def test_eval_records_are_read_through_the_run_folder(tmp_path):
     with pytest.raises(RecordError, match="not a plain name"):
         folder.eval_path("../x")
     assert folder.read_eval("attack") is None
+
+
+def test_cli_takes_key_value_after_suite_as_an_override_and_checks_every_suite_first(run, tmp_path, capsys):
+    """`--suite safety data_root=DIR` is the suite safety and an override; a typo in a later suite stops before
+    the first suite runs (it would otherwise cost the suites before it)."""
+    assert main(["evaluate", str(run.path), "--suite", "safety", "robustnes", f"data_root={tmp_path}"]) == 2
+    assert capsys.readouterr().err.strip() == ("ipsd: error: unknown suite 'robustnes'; use one of safety, attack, "
+                                               "corruption")
+    assert not run.eval_path("safety").exists()
+    assert main(["evaluate", str(run.path), "--suite", "safety", "seed=3"]) == 2
+    assert "only data_root= may be set, not seed" in capsys.readouterr().err
