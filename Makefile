@@ -12,13 +12,14 @@ LAUNCHER ?= gpus
 TABLES := table2 table3 table4 table5 table15
 DATA_ARG = $(if $(DATA),data_root=$(DATA))
 
-CPU_TABLES := table3 table15 table1
+CPU_TABLES := table3 table15 table1 table10 table11 table12 table14
+SMOKE_TABLES := table13  # Table 13's cpu profile (36 IPS runs) is past this machine's hour for Tables 10-14
 CPU_OUT := results/cpu/runs
 
 .PHONY: help env demo test bench gpu-check regress clean publish-cpu $(TABLES) $(TABLES:%=%-smoke)
 
 help:
-	@echo "make publish-cpu DATA=DIR   the cpu profiles of Tables 3, 15, 1 on this CPU (finishes what is missing), rendered into results/cpu/<table>/"
+	@echo "make publish-cpu DATA=DIR   the cpu profiles of Tables 3, 15, 1, 10-12, 14 (13: smoke) on this CPU (finishes what is missing), rendered into results/cpu/<table>/"
 	@echo "make demo [DATA=DIR]   set up, train IPS and Hard Label on a small real subset, compare"
 	@echo "make test              set up and run the test suite (IPSD_DATA=DIR enables CIFAR tests)"
 	@echo "make bench             set up and run 'ipsd bench' on this machine"
@@ -66,10 +67,14 @@ clean:
 # The published CPU tables: sweep what is missing (one one-thread job per core, the default on CPU), then render each table from its records.
 publish-cpu: $(STAMP)
 	for t in $(CPU_TABLES); do $(BIN)/ipsd sweep benchmarks/$$t.yaml --profile cpu --launcher local $(DATA_ARG) out=$(CPU_OUT) || exit 1; done
+	for t in $(SMOKE_TABLES); do $(BIN)/ipsd sweep benchmarks/$$t.yaml --profile smoke --launcher local $(DATA_ARG) out=$(CPU_OUT) || exit 1; done
 	$(MAKE) render-cpu
 
+# Each rendered file is written whole or not at all (a failing report leaves the previous one).
 render-cpu: $(STAMP)
-	for t in $(CPU_TABLES); do mkdir -p results/cpu/$$t; \
-	  for f in md csv tex; do $(BIN)/ipsd report benchmarks/$$t.yaml --profile cpu --format $$f $(DATA_ARG) out=$(CPU_OUT) > results/cpu/$$t/$$t-cpu.$$f || exit 1; done; \
-	  cp $(CPU_OUT)/reports/$$t-cpu-last.png results/cpu/$$t/; done
-	$(BIN)/ipsd report benchmarks/table1.yaml --profile cpu --metric train --format md $(DATA_ARG) out=$(CPU_OUT) > results/cpu/table1/table1-cpu-train.md
+	set -e; for tp in $(CPU_TABLES:%=%:cpu) $(SMOKE_TABLES:%=%:smoke); do t=$${tp%:*}; p=$${tp#*:}; mkdir -p results/cpu/$$t; \
+	  for f in md csv tex; do $(BIN)/ipsd report benchmarks/$$t.yaml --profile $$p --format $$f $(DATA_ARG) out=$(CPU_OUT) \
+	    > results/cpu/$$t/$$t-$$p.$$f.tmp; mv results/cpu/$$t/$$t-$$p.$$f.tmp results/cpu/$$t/$$t-$$p.$$f; done; \
+	  cp $(CPU_OUT)/reports/$$t-$$p-*.png results/cpu/$$t/; done
+	$(BIN)/ipsd report benchmarks/table1.yaml --profile cpu --metric train --format md $(DATA_ARG) out=$(CPU_OUT) \
+	  > results/cpu/table1/table1-cpu-train.md.tmp && mv results/cpu/table1/table1-cpu-train.md.tmp results/cpu/table1/table1-cpu-train.md
