@@ -116,7 +116,7 @@ def _grids(table: Table, summary: pd.DataFrame, pm: str, dash: str) -> dict[str,
 
 def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
     suites = sorted({m["suite"] for m in table.metrics})
-    done = summary.drop_duplicates(["row", "column"]) if len(summary) else summary
+    per_cell = summary.groupby(["row", "column"], sort=False)[["n_done", "n_expected"]].max()
     caveat = ([f"Profile {table.profile!r} is not the paper's protocol: the paper's numbers are shown for "
                "orientation only."] if table.profile != "full" else [])
     return [*caveat, *table.notes,
@@ -126,7 +126,7 @@ def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
             f"{MARK} after a value: its Welch 95% interval of the difference from {_reference_row(table)} excludes 0 "
             f"(the paper's from its published mean, SD and n = {table.paper.n if table.paper else 0}); whether that "
             "difference is better depends on the metric (lower is better for AURC, E-AURC, FPR, ECE, Brier, NLL and "
-            f"error rates). {int(done['n_done'].max()) if len(done) else 0} seed(s) at most per cell."]
+            f"error rates). Runs evaluated: {int(per_cell['n_done'].sum())} of {int(per_cell['n_expected'].sum())}."]
 
 
 def _differences_md(summary: pd.DataFrame, ref: str | None) -> str:
