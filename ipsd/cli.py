@@ -119,7 +119,13 @@ def _regress(args: argparse.Namespace) -> None:
 def _interpolate(args: argparse.Namespace) -> None:
     from .evaluation.interpolate import draw, interpolate
 
-    result = interpolate(args.run_a, args.run_b, args.points, args.lo, args.hi, args.data_root)
+    from .config import apply_overrides
+
+    values = apply_overrides({}, args.overrides)
+    if set(values) - {"data_root"}:
+        raise ConfigError(f"interpolate: the runs' configs are fixed; only data_root= may be set, not "
+                          f"{', '.join(sorted(set(values) - {'data_root'}))}")
+    result = interpolate(args.run_a, args.run_b, args.points, args.lo, args.hi, values.get("data_root"))
     print(draw(result, args.out, args.label_a, args.label_b))
 
 
@@ -281,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hi", type=float, default=1.0, help="last t (above 1: beyond B)")
     p.add_argument("--label-a", default="A")
     p.add_argument("--label-b", default="B")
-    p.add_argument("--data-root", default=None, help="where the runs' dataset is (default: as recorded, or $IPSD_DATA)")
+    p.add_argument("overrides", nargs="*", help="data_root=DIR, where the runs' dataset is (default: as recorded, "
+                                                "or $IPSD_DATA)")
     p.set_defaults(func=_interpolate)
 
     p = sub.add_parser("evaluate", help="robustness and calibration suites (Tables 10-12) on a finished run's model; "

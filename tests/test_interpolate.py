@@ -47,3 +47,14 @@ def test_interpolate_command_draws_the_figure_and_a_run_against_itself_is_flat(t
     assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "self.png"), "--points", "3"]) == 0
     same = json.loads((tmp_path / "self.json").read_text())["points"]
     assert len({(p["train_top1"], p["test_top1"], round(p["test_loss"], 6)) for p in same}) == 1
+
+
+def test_interpolate_takes_data_root_as_an_override_and_refuses_others(tmp_path, capsys):
+    a = train(load_run_config(None, [*SMALL, "method_args.p_r=0.0", f"out={tmp_path}"]))
+    capsys.readouterr()  # the training's own messages
+    assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "x.png"), "seed=2"]) == 2
+    assert capsys.readouterr().err.strip() == ("ipsd: error: interpolate: the runs' configs are fixed; only "
+                                               "data_root= may be set, not seed")
+    assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "x.png"), "--points", "2",
+                 f"data_root={tmp_path / 'nowhere'}"]) == 0  # digits is bundled: the root is given, not needed
+    assert (tmp_path / "x.png").is_file()
