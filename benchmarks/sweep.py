@@ -52,6 +52,7 @@ class LaunchOptions:
     rdzv_endpoint: str | None = None
     slurm: dict[str, Any] | None = None  # submitit parameters (partition, timeout_min, ...)
     cluster: str | None = None  # submitit cluster override ("local" for tests)
+    evaluate: tuple[str, ...] = ()  # local: `ipsd evaluate` suites run on each run as soon as it has trained
 
 
 def train_args(cfg: RunConfig) -> list[str]:
@@ -115,8 +116,16 @@ def _die_with_parent() -> None:
         pass
 
 
-def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Callable[[PlannedRun], list[str]]) -> None:
-    """Run commands with one worker per slot (each slot = extra environment variables)."""
+def _evaluate_command(run: PlannedRun, suites: tuple[str, ...]) -> list[str]:
+    root = [f"data_root={run.cfg.data_root}"] if run.cfg.data_root else []
+    return [sys.executable, "-m", "ipsd", "evaluate", str(run.folder), "--suite", *suites, "--device", run.cfg.device,
+            *root]
+
+
+def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Callable[[PlannedRun], list[str]],
+               then: Callable[[PlannedRun], list[str]] | None = None) -> None:
+    """Run commands with one worker per slot (each slot = extra environment variables); ``then``: a second command
+    for each run once its first succeeded, in the same slot (a sweep's evaluation of the run it just trained)."""
     failures: list[str] = []
     pending: queue.SimpleQueue[PlannedRun] = queue.SimpleQueue()
     for run in runs:
@@ -129,10 +138,12 @@ def _run_queue(runs: list[PlannedRun], slots: list[dict[str, str]], make_cmd: Ca
             except queue.Empty:
                 return
             print(f"start {run.row} / {run.column} seed {run.cfg.seed} -> {run.folder}", flush=True)
-            proc = subprocess.run(make_cmd(run), env={**os.environ, **slot}, capture_output=True, text=True,
-                                  preexec_fn=_die_with_parent)
-            if proc.returncode:
-                failures.append(_failure(run, _last_error(proc.stderr)))
+            for command in [make_cmd(run), *([then(run)] if then else [])]:
+                proc = subprocess.run(command, env={**os.environ, **slot}, capture_output=True, text=True,
+                                      preexec_fn=_die_with_parent)
+                if proc.returncode:
+                    failures.append(_failure(run, _last_error(proc.stderr)))
+                    break
             else:
                 print(f"done  {run.row} / {run.column} seed {run.cfg.seed}", flush=True)
 
@@ -184,13 +195,19 @@ def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
                        f"{run.cfg.seed} -> {run.folder}", file=sys.stderr)
             try:
                 train(dataclasses.replace(run.cfg, progress=False))
+                if opts.evaluate:
+                    from ipsd.evaluation.run import evaluate_run
+
+                    for suite in opts.evaluate:
+                        evaluate_run(run.run, suite, data_root=run.cfg.data_root, device=run.cfg.device)
             except Exception as e:  # noqa: BLE001 -- report every failed run, keep going with the others
                 failures.append(_failure(run, f"{type(e).__name__}: {e}" if not isinstance(e, IpsdError) else str(e)))
         _raise_failures(failures)
         return
     threads = max(1, usable_cores() // jobs)  # the cores shared out; recorded in each run's record
     _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * jobs,
-               lambda r: _command(r.cfg if r.cfg.threads else dataclasses.replace(r.cfg, threads=threads)))
+               lambda r: _command(r.cfg if r.cfg.threads else dataclasses.replace(r.cfg, threads=threads)),
+               (lambda r: _evaluate_command(r, opts.evaluate)) if opts.evaluate else None)
 
 
 @LAUNCHERS.register("gpus")
@@ -263,11 +280,17 @@ def sweep(path: str, profile: str = "full", launcher: str = "local", overrides: 
     # replicate-major: every cell's first seed lands before any cell's second, so a sweep cut short leaves
     # comparable cells (a stable sort keeps the table's row order within a replicate)
     todo = sorted(print_plan(table, runs, tflops), key=lambda r: r.replicate)
-    if todo and not dry_run:
-        launch(todo, opts or LaunchOptions())
-    if table.evaluate:  # the table's `evaluate:` suites, on every finished run lacking them (in this process)
+
+    def evaluate_finished() -> None:  # the table's `evaluate:` suites, on every finished run lacking them (in this process)
         from ipsd.evaluation.run import evaluate_runs
 
         _raise_failures(evaluate_runs([(f"{r.row} / {r.column} seed {r.cfg.seed}", r.run, r.cfg.data_root, r.cfg.device)
                                        for r in runs], table.evaluate, dry_run))
+
+    if table.evaluate:  # first the runs already trained (another table's), so a sweep cut short has them measured
+        evaluate_finished()
+    if todo and not dry_run:  # the local launcher evaluates each new run as it lands; the others are caught below
+        launch(todo, dataclasses.replace(opts or LaunchOptions(), evaluate=tuple(table.evaluate)))
+        if table.evaluate:
+            evaluate_finished()
     return runs

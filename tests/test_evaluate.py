@@ -166,10 +166,14 @@ evaluate: [safety]
 metrics:
   - {{label: ECE, suite: safety, key: ECE_x1e2, paper: ECE_x1e2}}
 """)
-    (planned,) = sweep(str(path))
+    (planned,) = sweep(str(path))  # evaluated as soon as it has trained
     rec = planned.run.read_eval("safety")
     assert rec is not None and math.isclose(rec.metric("accuracy_%"), planned.run.read_result().top1("last"), abs_tol=1e-9)
+    assert "evaluate [safety]: 1 evaluation(s)" not in capsys.readouterr().out  # nothing left for the passes
+    planned.run.eval_path("safety").unlink()  # a run trained already (by another table): evaluated before training
+    sweep(str(path))
     assert "evaluate [safety]: 1 evaluation(s) of 1 finished run(s) to do" in capsys.readouterr().out
+    assert planned.run.read_eval("safety") is not None
     sweep(str(path))
     assert "evaluate [safety]: 0 evaluation(s)" in capsys.readouterr().out
     path.write_text(path.read_text().replace("evaluate: [safety]", "evaluate: [safty]"))
@@ -201,3 +205,25 @@ def test_cli_takes_key_value_after_suite_as_an_override_and_checks_every_suite_f
     assert not run.eval_path("safety").exists()
     assert main(["evaluate", str(run.path), "--suite", "safety", "seed=3"]) == 2
     assert "only data_root= may be set, not seed" in capsys.readouterr().err
+
+
+def test_parallel_local_sweep_evaluates_each_run_in_its_slot(tmp_path):
+    from benchmarks.sweep import LaunchOptions
+
+    path = tmp_path / "t.yaml"
+    path.write_text(f"""
+name: t
+seeds: 2
+base: {{dataset: digits, per_class: 10, test_per_class: 5, epochs: 1, batch_size: 20, out: {tmp_path / 'runs'},
+        device: cpu}}
+rows:
+  Hard Label: {{method: hard}}
+columns:
+  ResNet8: {{model: resnet8}}
+evaluate: [safety]
+""")
+    planned = sweep(str(path), opts=LaunchOptions(jobs=2))
+    for p in planned:
+        rec = p.run.read_eval("safety")
+        assert rec is not None and math.isclose(rec.metric("accuracy_%"), p.run.read_result().top1("last"),
+                                                abs_tol=1e-9)

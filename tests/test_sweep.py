@@ -177,7 +177,7 @@ def test_local_sweeps_default_to_one_one_thread_job_per_core_on_cpu(tmp_path, mo
            for r in runs]
     assert sweep_module.local_jobs(gpu) == 1
     seen = []
-    monkeypatch.setattr(sweep_module, "_run_queue", lambda todo, envs, command: seen.append(envs))
+    monkeypatch.setattr(sweep_module, "_run_queue", lambda todo, envs, command, then=None: seen.append(envs))
     monkeypatch.setattr(sweep_module, "usable_cores", lambda: 2)
     sweep_module.launch_local(cpu, LaunchOptions())
     assert seen == [[{"OMP_NUM_THREADS": "1"}] * 2]  # two jobs, one thread each
