@@ -50,12 +50,13 @@ def import_plugin(ref: str) -> str:
                 raise ConfigError(f"plugins: {ref!r} does not exist; give the path of a .py file or a module name")
             name = f"ipsd_plugin_{path.stem}"
             module = sys.modules.get(name)
+            code = path.read_bytes()
             if module is None or Path(module.__file__).resolve() != path.resolve() or \
-                    getattr(module, "__ipsd_source__", None) != path.read_bytes():  # edited since: run the new code
+                    getattr(module, "__ipsd_source__", None) != code:  # edited since: run the new code
                 spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
-                module.__ipsd_source__ = path.read_bytes()  # the source the identity's hash is taken of
+                module.__ipsd_source__ = code  # the source the identity's hash is taken of
                 spec.loader.exec_module(module)
         else:
             if "" not in sys.path and str(Path.cwd()) not in sys.path:
