@@ -125,7 +125,7 @@ def _interpolate(args: argparse.Namespace) -> None:
     if set(values) - {"data_root"}:
         raise ConfigError(f"interpolate: the runs' configs are fixed; only data_root= may be set, not "
                           f"{', '.join(sorted(set(values) - {'data_root'}))}")
-    result = interpolate(args.run_a, args.run_b, args.points, args.lo, args.hi, values.get("data_root"))
+    result = interpolate(args.run_a, args.run_b, args.points, args.lo, args.hi, values.get("data_root"), args.bn_batches)
     print(draw(result, args.out, args.label_a, args.label_b))
 
 
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hi", type=float, default=1.0, help="last t (above 1: beyond B)")
     p.add_argument("--label-a", default="A")
     p.add_argument("--label-b", default="B")
+    p.add_argument("--bn-batches", choices=("augmented", "clean"), default="augmented",
+                   help="images for the BatchNorm recomputation: augmented = one pass as trained (crop + flip, "
+                        "shuffled, the run's batch size); clean = the stored images")
     p.add_argument("overrides", nargs="*", help="data_root=DIR, where the runs' dataset is (default: as recorded, "
                                                 "or $IPSD_DATA)")
     p.set_defaults(func=_interpolate)

@@ -58,3 +58,28 @@ def test_interpolate_takes_data_root_as_an_override_and_refuses_others(tmp_path,
     assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "x.png"), "--points", "2",
                  f"data_root={tmp_path / 'nowhere'}"]) == 0  # digits is bundled: the root is given, not needed
     assert (tmp_path / "x.png").is_file()
+
+
+def test_augmented_batchnorm_pass_sees_every_training_image_once_as_a_crop_flip_of_itself():
+    from ipsd.data.batch import Needs
+    from ipsd.data.loader import PAD, DeviceLoader
+    from ipsd.engine import load_data
+    from ipsd.evaluation.interpolate import augmented_train_batches
+
+    cfg = load_run_config(None, SMALL)
+    loader = DeviceLoader(load_data(cfg), torch.device("cpu"), cfg.batch_size, Needs(), cfg.seed)
+    batches = list(augmented_train_batches(loader, 7, seed=3))
+    again = list(augmented_train_batches(loader, 7, seed=3))
+    assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(batches, again))  # seeded: the same at every t
+    n = len(loader.train_y)
+    assert sum(len(y) for _, y in batches) == n - (1 if n % 7 == 1 else 0)
+    # each augmented image is one of the (2 PAD + 1)^2 crops of its padded original, flipped or not
+    s = loader.size
+    first = batches[0][0][0]
+    padded = loader.normalise(loader.train)
+    crops = [(i, dy, dx, fl) for i in range(n) for dy in range(2 * PAD + 1) for dx in range(2 * PAD + 1)
+             for fl in (False, True)]
+    matches = [c for c in crops if torch.allclose(
+        (lambda v: v.flip(-1) if c[3] else v)(padded[c[0], :, c[1]:c[1] + s, c[2]:c[2] + s]), first, atol=1e-5)]
+    assert matches, "the first augmented image is no crop/flip of any training image"
+    assert {loader.train_y[m[0]].item() for m in matches} == {batches[0][1][0].item()}

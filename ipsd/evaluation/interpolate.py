@@ -1,9 +1,13 @@
 """1-D interpolation between two finished runs' weights (Keskar et al.'s plot, the IPS paper's Table 1 analysis).
 
 Along theta(t) = (1 - t) theta_a + t theta_b the BatchNorm statistics of neither end fit, so at each t they are
-recomputed: running statistics reset, then one no-grad pass over the clean training set in train mode with a
-cumulative average (BatchNorm momentum None). Then train and test loss (mean cross-entropy) and top-1 are measured
-in eval mode. Both runs must be the same architecture on the same data; ``t`` outside [0, 1] extrapolates.
+recomputed: running statistics reset, then one no-grad pass over the training set in train mode with a cumulative
+average (BatchNorm momentum None). By default that pass sees the images as training saw them (random crop + flip,
+shuffled batches of the run's batch size, from a fixed seed, the same at every t): statistics of clean images do not
+fit weights trained on augmented ones, and put both ends a few points below the runs' own test top-1. ``bn_batches
+= "clean"`` is the alternative (the stored images in order, at the eval batch size). Then train and test loss (mean
+cross-entropy) and top-1 are measured in eval mode on clean images. Both runs must be the same architecture on the
+same data; ``t`` outside [0, 1] extrapolates.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..rng import generator
 from ..runs import RunFolder, atomic_write_json
 
 DATA_KEYS = ("dataset", "model", "classes", "per_class", "test_per_class")
+BN_BATCHES = ("augmented", "clean")
 
 
 def _blend(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], t: float) -> dict[str, torch.Tensor]:
@@ -44,6 +50,16 @@ def recompute_batchnorm(model: nn.Module, batches) -> None:
     model.eval()
 
 
+def augmented_train_batches(loader, batch_size: int, seed: int):
+    """One pass over the training set as trained: a seeded shuffle into batches of ``batch_size``, each image
+    randomly cropped and flipped by the loader's own train transform. The same seed gives the same batches."""
+    g = generator(loader.device, "interpolate-batchnorm", seed)
+    order = torch.randperm(len(loader.train_y), generator=g, device=loader.device)
+    for idx in order.split(batch_size):
+        if len(idx) > 1:  # a one-image batch has no batch variance (train-mode BatchNorm refuses it)
+            yield loader.augment(idx, g), loader.train_y[idx]
+
+
 @torch.no_grad()
 def loss_and_top1(model: nn.Module, batches) -> tuple[float, float]:
     loss = correct = n = 0.0
@@ -56,7 +72,7 @@ def loss_and_top1(model: nn.Module, batches) -> tuple[float, float]:
 
 
 def interpolate(run_a: str | Path, run_b: str | Path, points: int = 11, lo: float = 0.0, hi: float = 1.0,
-                data_root: str | None = None) -> dict[str, Any]:
+                data_root: str | None = None, bn_batches: str = "augmented") -> dict[str, Any]:
     """Train/test loss and top-1 along the line from run A's final weights (t = 0) to run B's (t = 1)."""
     from ..config import build, RunConfig
     from ..engine import load_data
@@ -64,6 +80,8 @@ def interpolate(run_a: str | Path, run_b: str | Path, points: int = 11, lo: floa
     from ..data.loader import DeviceLoader
     from ..teacher import load_teacher
 
+    if bn_batches not in BN_BATCHES:
+        raise ConfigError(f"interpolate: bn_batches must be one of {', '.join(BN_BATCHES)}, not {bn_batches!r}")
     folders = [RunFolder(Path(r)) for r in (run_a, run_b)]
     configs = [f.read_config() for f in folders]
     for key in DATA_KEYS:
@@ -83,7 +101,8 @@ def interpolate(run_a: str | Path, run_b: str | Path, points: int = 11, lo: floa
     rows = []
     for i, t in enumerate(ts):
         model.load_state_dict(_blend(a, b, t))
-        recompute_batchnorm(model, loader.clean_train_batches(cfg.eval_batch_size))
+        recompute_batchnorm(model, augmented_train_batches(loader, cfg.batch_size, cfg.seed) if bn_batches == "augmented"
+                            else loader.clean_train_batches(cfg.eval_batch_size))
         train_loss, train_top1 = loss_and_top1(model, loader.clean_train_batches(cfg.eval_batch_size))
         test_loss, test_top1 = loss_and_top1(model, loader.test_batches(cfg.eval_batch_size))
         rows.append({"t": t, "train_loss": train_loss, "train_top1": train_top1, "test_loss": test_loss,
@@ -93,7 +112,11 @@ def interpolate(run_a: str | Path, run_b: str | Path, points: int = 11, lo: floa
     return {"run_a": str(folders[0].path), "run_b": str(folders[1].path), "method_a": configs[0].get("method"),
             "method_b": configs[1].get("method"), "method_args_a": configs[0].get("method_args"),
             "method_args_b": configs[1].get("method_args"), "points": rows,
-            "batchnorm": "recomputed at every t: cumulative average over one clean pass of the training set"}
+            "bn_batches": bn_batches,
+            "batchnorm": ("recomputed at every t: cumulative average over one pass of the training set, "
+                          + (f"random crop + flip in shuffled batches of {cfg.batch_size} (seeded, the same at every t)"
+                             if bn_batches == "augmented" else f"clean images in order, batches of "
+                             f"{cfg.eval_batch_size}"))}
 
 
 def draw(result: dict[str, Any], path: str | Path, label_a: str = "A", label_b: str = "B") -> Path:
