@@ -205,8 +205,10 @@ def launch_local(runs: list[PlannedRun], opts: LaunchOptions) -> None:
         _raise_failures(failures)
         return
     threads = max(1, usable_cores() // jobs)  # the cores shared out; recorded in each run's record
+    # a partial run keeps `threads` unset: it resumes under the count it started with (the engine's rule)
     _run_queue(runs, [{"OMP_NUM_THREADS": str(threads)}] * jobs,
-               lambda r: _command(r.cfg if r.cfg.threads else dataclasses.replace(r.cfg, threads=threads)),
+               lambda r: _command(r.cfg if r.cfg.threads or status(r) == "partial"
+                                  else dataclasses.replace(r.cfg, threads=threads)),
                (lambda r: _evaluate_command(r, opts.evaluate)) if opts.evaluate else None)
 
 

@@ -369,6 +369,17 @@ def _check_execution(run: RunFolder, recorded: dict[str, Any] | None, now: dict[
                       f"{fix}, or move {run.path} aside to start it afresh")
 
 
+def _set_threads(cfg: RunConfig, ckpt: dict[str, Any] | None, run_id: str, main: bool) -> None:
+    """CPU threads: ``threads`` when set; else, for a resume, the count the run started with (so an interrupted run
+    finishes with the numbers it would have had, whatever launched it first); else torch's default."""
+    started = ((ckpt or {}).get("state", {}).get("execution") or {}).get("torch_threads")
+    threads = cfg.threads or started
+    if threads and threads != torch.get_num_threads():
+        if not cfg.threads and main:
+            _log(f"run {run_id} started with threads={started}: resuming with the same count")
+        torch.set_num_threads(threads)
+
+
 def _check_out(out: str) -> None:
     """``out`` must be a folder this process can write (it is created if missing)."""
     path = Path(out).expanduser()
@@ -405,8 +416,9 @@ def _train(res: Resolved, info: dist.DistInfo, device: torch.device) -> Path:
         if info.main:
             _log(f"run {res.run_id} is already complete")
         return run.path
-    if device.type == "cpu" and cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    ckpt = run.load_checkpoint(map_location=device) if run.checkpoint_path.exists() else None
+    if device.type == "cpu":
+        _set_threads(cfg, ckpt, res.run_id, info.main)
 
     data = load_data(cfg)
     if getattr(data, "note", "") and info.main:
@@ -445,8 +457,7 @@ def _train(res: Resolved, info: dist.DistInfo, device: torch.device) -> Path:
     facts = execution(cfg, device)
     state = {"epoch": 0, "history": [], "train_seconds": 0.0, "wall_seconds": 0.0, "train_images": 0,
              "execution": facts}
-    if run.checkpoint_path.exists():
-        ckpt = run.load_checkpoint(map_location=device)
+    if ckpt is not None:
         _check_execution(run, ckpt["state"].get("execution"), facts)
         model.load_state_dict(ckpt["model"])
         restore_method(method, ckpt, info.rank)

@@ -147,6 +147,24 @@ def test_thread_count_is_recorded_and_a_resume_under_another_is_refused(tmp_path
     assert_one_error_line(proc, "re-run with threads=1")
 
 
+def test_a_resume_without_threads_takes_the_count_the_run_started_with(tmp_path, capsys):
+    """An unset ``threads`` (an in-process sweep, a bare `ipsd train`) must not dead-end on a run another launcher
+    started: it resumes under the recorded count, and the numbers are those of an uninterrupted run."""
+    whole = RunFolder(train(load_run_config(None, [*UNTHREADED, "threads=2", "epochs=2", f"out={tmp_path / 'a'}"])))
+    train(load_run_config(None, [*UNTHREADED, "threads=2", "epochs=2", "stop_after=1", f"out={tmp_path / 'b'}"]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # this process's default now differs from the run's
+    try:
+        capsys.readouterr()
+        resumed = RunFolder(train(load_run_config(None, [*UNTHREADED, "epochs=2", f"out={tmp_path / 'b'}"])))
+    finally:
+        torch.set_num_threads(before)
+    assert "started with threads=2: resuming with the same count" in capsys.readouterr().err
+    assert resumed.read_result().execution["torch_threads"] == 2
+    assert resumed.read_result().top1() == whole.read_result().top1()
+    assert [e["loss"] for e in resumed.read_log()] == [e["loss"] for e in whole.read_log()]
+
+
 def test_a_report_flags_a_cell_whose_seeds_ran_under_different_thread_counts(tmp_path):
     import dataclasses
 
