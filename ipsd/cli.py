@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hi", type=float, default=1.0, help="last t (above 1: beyond B)")
     p.add_argument("--label-a", default="A")
     p.add_argument("--label-b", default="B")
-    p.add_argument("--bn-batches", choices=("augmented", "clean"), default="augmented",
+    p.add_argument("--bn-batches", default="augmented",  # checked by interpolate(), the owner of the choices
                    help="images for the BatchNorm recomputation: augmented = one pass as trained (crop + flip, "
                         "shuffled, the run's batch size); clean = the stored images")
     p.add_argument("overrides", nargs="*", help="data_root=DIR, where the runs' dataset is (default: as recorded, "

@@ -58,6 +58,10 @@ def test_interpolate_takes_data_root_as_an_override_and_refuses_others(tmp_path,
     assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "x.png"), "--points", "2",
                  f"data_root={tmp_path / 'nowhere'}"]) == 0  # digits is bundled: the root is given, not needed
     assert (tmp_path / "x.png").is_file()
+    capsys.readouterr()  # the run's progress lines
+    assert main(["interpolate", str(a), str(a), "--out", str(tmp_path / "y.png"), "--bn-batches", "train"]) == 2
+    assert capsys.readouterr().err.strip() == ("ipsd: error: interpolate: bn_batches must be one of augmented, "
+                                               "clean, not 'train'")
 
 
 def test_augmented_batchnorm_pass_sees_every_training_image_once_as_a_crop_flip_of_itself():
@@ -73,6 +77,8 @@ def test_augmented_batchnorm_pass_sees_every_training_image_once_as_a_crop_flip_
     assert all(torch.equal(x, x2) for (x, _), (x2, _) in zip(batches, again))  # seeded: the same at every t
     n = len(loader.train_y)
     assert sum(len(y) for _, y in batches) == n - (1 if n % 7 == 1 else 0)
+    whole = [y for _, y in augmented_train_batches(loader, 8, seed=3)]  # 8 divides n: nothing dropped
+    assert n % 8 == 0 and torch.equal(torch.cat(whole).sort().values, loader.train_y.sort().values)
     # each augmented image is one of the (2 PAD + 1)^2 crops of its padded original, flipped or not
     s = loader.size
     first = batches[0][0][0]
