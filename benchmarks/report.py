@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from benchmarks.grid import PlannedRun, Table, expand, load_table, paper_key
-from benchmarks.stats import MARK, Diff, Summary, welch
+from benchmarks.stats import MARK, Diff, Summary, bootstrap_mean_gain, welch
 from ipsd.config import ConfigError
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
@@ -42,7 +42,7 @@ RUN_COLUMNS = ["row", "column", "replicate", "seed", "run_id", "done", "top1_las
                "device", "execution", "environment", "folder", "ran"]
 SUMMARY_COLUMNS = ["row", "column", "metric", "skipped", "n_done", "n_expected", "mean", "std", "se", "train_top1",
                    "paper_mean",
-                   "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed", "ran"]
+                   "paper_std", "delta", "images_per_step", "device_hours", "devices", "mixed", "ran", "values"]
 
 
 def metric_label(metric: str) -> str:
@@ -196,6 +196,7 @@ def summarize(table: Table, df: pd.DataFrame, metric: str = "last") -> pd.DataFr
                 "devices": ", ".join(sorted(set(cell["device"].dropna()))),
                 "mixed": cell["execution"].dropna().nunique() > 1,
                 "ran": "; ".join(sorted(set(df[(df["row"] == row) & (df["column"] == column)]["ran"]))),
+                "values": tuple(float(v) for v in vals),
             })
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
 
@@ -247,6 +248,43 @@ def comparisons(table: Table, summary: pd.DataFrame) -> pd.DataFrame:
                         "paper_diff": pd_.diff, "paper_lo": pd_.lo, "paper_hi": pd_.hi, "paper_p": pd_.p,
                         "paper_holds": pd_.holds})
     return pd.DataFrame(out, columns=COMPARISON_COLUMNS)
+
+
+GAIN_COLUMNS = ["row", "against", "columns", "of", "mean", "lo", "hi", "holds"]
+BEST_OTHER = "best other method"
+
+
+def mean_gains(table: Table, summary: pd.DataFrame, comp: pd.DataFrame) -> pd.DataFrame:
+    """Across columns, each comparison of ``comp`` as one mean gain with a bootstrap 95% interval.
+
+    A column counts when both of its cells have at least 2 finished seeds (one seed has no spread to
+    resample). IPS rows are compared with each column's best other method, whichever that is. Only
+    comparisons with at least 2 such columns are listed: one column is already its Welch line.
+    """
+    by = {(s["row"], s["column"]): s["values"] for s in summary.to_dict("records")}
+    ref = _reference_row(table)
+    groups: dict[tuple[str, str], list[tuple[tuple[float, ...], tuple[float, ...]]]] = {}
+    for c in comp.to_dict("records"):
+        key = (c["row"], c["against"] if c["against"] == ref else BEST_OTHER)
+        cells = groups.setdefault(key, [])
+        a, b = by[(c["row"], c["column"])], by.get((c["against"], c["column"]), ())
+        if len(a) >= 2 and len(b) >= 2:
+            cells.append((a, b))
+    out = []
+    for (row, against), cells in groups.items():
+        if len(cells) >= 2:
+            g = bootstrap_mean_gain(cells)
+            out.append({"row": row, "against": against, "columns": len(cells), "of": len(table.columns),
+                        "mean": g.mean, "lo": g.lo, "hi": g.hi, "holds": g.holds})
+    return pd.DataFrame(out, columns=GAIN_COLUMNS)
+
+
+def _gains_md(gains: pd.DataFrame) -> str:
+    lines = [["row", "against", "columns", "mean gain [95% CI]"]]
+    for g in gains.to_dict("records"):
+        lines.append([g["row"], g["against"], f"{g['columns']} of {g['of']}",
+                      _diff_text(g["mean"], g["lo"], g["hi"], g["holds"], "-")])
+    return _md(lines)
 
 
 def _diff_text(diff: float, lo: float, hi: float, holds: bool, minus: str) -> str:
@@ -385,7 +423,7 @@ def _tex(table: Table, summary: pd.DataFrame, metric: str) -> str:
 
 def _csv(table: Table, summary: pd.DataFrame) -> str:
     """Tidy long format: one line per cell with every number, for plotting or diffing."""
-    df = summary.copy()
+    df = summary.drop(columns="values")  # the per-seed values are in the run records
     df.insert(0, "profile", table.profile)
     df.insert(0, "table", table.name)
     df.insert(df.columns.get_loc("n_done"), "status",
@@ -415,6 +453,12 @@ def render(table: Table, summary: pd.DataFrame, fmt: str = "md", metric: str | N
     lines = _grid(table, summary, "±", "-", DASH)
     comp = comparisons(table, summary)
     diffs = ["", "#### Differences (Welch 95% CI)", "", _differences_md(comp)] if len(comp) else []
+    gains = mean_gains(table, summary, comp)
+    if len(gains):
+        diffs += ["", "#### Mean gain across columns (percentile bootstrap 95% CI over seeds)", "",
+                  "The unweighted mean over columns of each column's difference of means; 10,000 resamples draw "
+                  "each cell's seeds with replacement, the columns stay fixed; a column counts when both its cells "
+                  "have at least 2 finished seeds.", "", _gains_md(gains)]
     return "\n".join([f"### {_title(table, metric)}", "", _md(lines), *diffs, "", *_notes(table, summary)]) + "\n"
 
 

@@ -6,8 +6,8 @@ same test applies to our seeds and to a paper's published "mean ± std of n runs
 - ``describe``: n, mean and sample SD (ddof=1) of one cell's per-seed values.
 - ``welch``: the difference a − b with a Welch (unequal-variance) t confidence interval and two-sided p.
 - ``mark``: the one text mark tables put on a difference whose interval excludes 0.
-- ``bootstrap_mean_gain``: across columns, the mean of per-column mean gains with a percentile
-  bootstrap interval over seeds.
+- ``bootstrap_mean_gain``: across columns, the mean of per-column differences of means with a
+  percentile bootstrap interval over seeds.
 """
 from __future__ import annotations
 
@@ -124,35 +124,40 @@ class Gain:
         return bool(self.lo > 0 or self.hi < 0)
 
 
-def bootstrap_mean_gain(gains: Sequence[Sequence[float]], level: float = 0.95, n_resamples: int = 10_000,
-                        seed: int = 0) -> Gain:
-    """Mean over columns of each column's mean gain, with a percentile bootstrap interval.
+def bootstrap_mean_gain(cells: Sequence[tuple[Sequence[float], Sequence[float]]], level: float = 0.95,
+                        n_resamples: int = 10_000, seed: int = 0) -> Gain:
+    """Mean over columns of each column's gain mean(a) − mean(b), with a percentile bootstrap interval.
 
-    ``gains[j]`` holds column j's per-seed gains (what a gain is, e.g. IPS seed s − Hard Label seed s,
-    is the caller's choice). What is resampled: within each column independently, its values are drawn
-    n_j times with replacement; the columns themselves are fixed, not resampled (the interval is over
-    seed noise for these models, not over a population of models). Each resample's statistic is the
-    unweighted mean over columns of the column means; lo/hi are its (1 ∓ level)/2 quantiles. A column
-    with one value contributes no spread. Random numbers come from ``numpy.random.default_rng(seed)``,
-    so a call is reproducible. Empty input, an empty column or a non-finite value raises ValueError.
+    ``cells[j] = (a_j, b_j)``: column j's per-seed values of the row (a) and of what it is compared with
+    (b). The runs of a and b are independent (their seeds differ), so each resample draws a_j and b_j
+    separately, each with replacement and its own size; the columns themselves are fixed, not resampled
+    (the interval is over seed noise for these models, not over a population of models). Each
+    resample's statistic is the unweighted mean over columns of mean(a_j*) − mean(b_j*); lo/hi are its
+    (1 ∓ level)/2 quantiles. Random numbers come from ``numpy.random.default_rng(seed)``, so a call is
+    reproducible. No column, an empty side or a non-finite value raises ValueError.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level} must be in (0, 1)")
     if n_resamples < 1:
         raise ValueError(f"n_resamples={n_resamples} must be >= 1")
-    cols = [np.asarray(g, dtype=float) for g in gains]
-    if not cols:
-        raise ValueError("gains has no columns")
-    for j, c in enumerate(cols):
-        if c.ndim != 1 or c.size == 0:
-            raise ValueError(f"gains[{j}] must be a non-empty 1-D sequence")
-        if not np.all(np.isfinite(c)):
-            raise ValueError(f"gains[{j}] has a non-finite value")
+    if not cells:
+        raise ValueError("no columns")
+    sides = []
+    for j, cell in enumerate(cells):
+        if len(cell) != 2:
+            raise ValueError(f"cells[{j}] must be a pair (a values, b values)")
+        pair = tuple(np.asarray(v, dtype=float) for v in cell)
+        for name, v in zip("ab", pair):
+            if v.ndim != 1 or v.size == 0:
+                raise ValueError(f"cells[{j}].{name} must be a non-empty 1-D sequence")
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"cells[{j}].{name} has a non-finite value")
+        sides.append(pair)
     rng = np.random.default_rng(seed)
-    total = np.zeros(n_resamples)
-    for c in cols:
-        idx = rng.integers(0, c.size, size=(n_resamples, c.size))
-        total += c[idx].mean(axis=1)
-    boot = total / len(cols)
+
+    def resampled_mean(v: np.ndarray) -> np.ndarray:
+        return v[rng.integers(0, v.size, size=(n_resamples, v.size))].mean(axis=1)
+
+    boot = sum(resampled_mean(a) - resampled_mean(b) for a, b in sides) / len(sides)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return Gain(float(np.mean([c.mean() for c in cols])), float(lo), float(hi))
+    return Gain(float(np.mean([a.mean() - b.mean() for a, b in sides])), float(lo), float(hi))

@@ -383,3 +383,30 @@ def test_against_flags_the_cells_a_change_moved_and_exits_non_zero(tiny, tmp_pat
     assert "| ok" in lines[("Hard Label", "ResNet8")] and "16.2" in lines[("Hard Label", "ResNet8")]
     assert "missing fresh" in lines[("IPS", "ResNet20")]  # no seed on either side: listed, never passed
     assert main(["report", str(root / "tiny.yaml"), "--against", str(root / "runs")]) == 1  # IPS/ResNet20 missing
+
+
+def test_mean_gain_across_columns_uses_columns_with_two_seeds_on_both_sides(tiny):
+    """IPS vs Hard Label, with IPS/ResNet20 given 2 seeds [63, 65] (mean 64; in the records it has none).
+
+    Per column: ResNet8 76 - 72 = 4 (IPS [75, 77], Hard [70, 72, 74]); ResNet20 64 - 62 = 2. The mean gain
+    is (4 + 2) / 2 = 3; resampled gains can reach no further than the extremes of each side: ResNet8
+    75 - 74 = 1 to 77 - 70 = 7, ResNet20 63 - 65 = -2 to 65 - 60 = 5, so the interval lies in [-0.5, 6].
+    IPS 2x2 has one column (ResNet20 is skipped) and is left out; so is the records' IPS alone (1 column).
+    """
+    from benchmarks.report import comparisons, mean_gains
+
+    table, planned, _ = tiny
+    summary = summarize(table, collect(table, planned))
+    assert mean_gains(table, summary, comparisons(table, summary)).empty
+    cell = (summary["row"] == "IPS") & (summary["column"] == "ResNet20")
+    summary.loc[cell, "n_done"] = 2
+    summary.loc[cell, "mean"], summary.loc[cell, "std"] = 64.0, math.sqrt(2.0)
+    summary.loc[cell, "values"] = pd.Series([(63.0, 65.0)], index=summary.index[cell])
+    gains = mean_gains(table, summary, comparisons(table, summary))
+    assert list(zip(gains["row"], gains["against"])) == [("IPS", "Hard Label")]
+    g = gains.iloc[0]
+    assert (g["columns"], g["of"]) == (2, 2) and g["mean"] == pytest.approx(3.0)
+    assert -0.5 <= g["lo"] < 3.0 < g["hi"] <= 6.0
+    text = render(table, summary, "md")
+    assert "#### Mean gain across columns" in text
+    assert next(l for l in text.splitlines() if l.startswith("| IPS ") and "2 of 2" in l)

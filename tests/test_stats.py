@@ -178,37 +178,45 @@ def test_negative_n_rejected():
 
 # ------------------------------------------------------------------------------------------- bootstrap
 def test_bootstrap_constant_gain_zero_width():
-    g = bootstrap_mean_gain([[1.5, 1.5, 1.5], [1.5, 1.5], [1.5]], seed=3)
+    g = bootstrap_mean_gain([([1.5, 1.5, 1.5], [0.0, 0.0]), ([2.0, 2.0], [0.5]), ([1.5], [0.0])], seed=3)
     assert g.mean == pytest.approx(1.5) and g.lo == g.hi == pytest.approx(1.5)
     assert g.holds and mark(g) == MARK
 
 
 def test_bootstrap_columns_not_pooled():
-    # per-column constants 1 and 3: the mean of column means is 2 (pooling the 5 values would give 2.2),
-    # and with no spread inside any column the interval has zero width
-    g = bootstrap_mean_gain([[1.0, 1.0], [3.0, 3.0, 3.0]])
+    # per-column constant gains 1 (2 seeds) and 3 (3 seeds): the mean over columns is 2 (pooling the 5
+    # per-seed gains would give 2.2), and with no spread inside any cell the interval has zero width
+    g = bootstrap_mean_gain([([1.0, 1.0], [0.0, 0.0]), ([3.0, 3.0, 3.0], [0.0, 0.0, 0.0])])
     assert g.mean == pytest.approx(2.0) and g.lo == pytest.approx(2.0) and g.hi == pytest.approx(2.0)
 
 
-def test_bootstrap_percentiles_two_values():
-    # one column [0, 1]: a resample's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4,
-    # so the 2.5% and 97.5% quantiles of 10,000 resamples are 0 and 1
-    g = bootstrap_mean_gain([[0.0, 1.0]], seed=0)
-    assert (g.mean, g.lo, g.hi) == (0.5, 0.0, 1.0)
+@pytest.mark.parametrize("cell, expected", [
+    # a = [0, 1], b = [0]: a resample's gain is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the
+    # 2.5% and 97.5% quantiles of 10,000 resamples are 0 and 1
+    (([0.0, 1.0], [0.0]), (0.5, 0.0, 1.0)),
+    # the reference's spread counts too: a = [0], b = [0, 1] gives gains 0, -0.5, -1 (1/4, 1/2, 1/4)
+    (([0.0], [0.0, 1.0]), (-0.5, -1.0, 0.0)),
+])
+def test_bootstrap_percentiles_two_values(cell, expected):
+    g = bootstrap_mean_gain([cell], seed=0)
+    assert (g.mean, g.lo, g.hi) == expected
     assert not g.holds
 
 
 def test_bootstrap_seeded_reproducible():
-    gains = [[0.3, 0.9, 0.1], [1.2, 0.4, 0.8], [0.5, -0.2, 0.6]]
-    a, b = bootstrap_mean_gain(gains, seed=7), bootstrap_mean_gain(gains, seed=7)
+    cells = [([0.3, 0.9, 0.1], [0.0, 0.2]), ([1.2, 0.4, 0.8], [0.1, 0.3, 0.2]), ([0.5, -0.2, 0.6], [0.0])]
+    a, b = bootstrap_mean_gain(cells, seed=7), bootstrap_mean_gain(cells, seed=7)
     assert a == b and isinstance(a, Gain)
     assert a.lo < a.mean < a.hi
-    assert a.mean == pytest.approx((1.3 / 3 + 2.4 / 3 + 0.9 / 3) / 3)
-    c = bootstrap_mean_gain(gains, seed=8)
-    assert (c.lo, c.hi) != (a.lo, a.hi)
+    assert a.mean == pytest.approx(((1.3 / 3 - 0.1) + (2.4 / 3 - 0.2) + (0.9 / 3 - 0.0)) / 3)
+    # the seed is used: with few resamples two seeds' quantiles differ (10,000 resamples of so few
+    # values land on the same discrete quantiles)
+    few = [bootstrap_mean_gain(cells, n_resamples=40, seed=s) for s in (7, 8)]
+    assert (few[0].lo, few[0].hi) != (few[1].lo, few[1].hi)
 
 
-@pytest.mark.parametrize("gains", [[], [[]], [[1.0, float("nan")]]])
-def test_bootstrap_rejects_bad_input(gains):
+@pytest.mark.parametrize("cells", [[], [([], [1.0])], [([1.0], [])], [([1.0, float("nan")], [1.0])],
+                                   [([1.0],)]])
+def test_bootstrap_rejects_bad_input(cells):
     with pytest.raises(ValueError):
-        bootstrap_mean_gain(gains)
+        bootstrap_mean_gain(cells)
