@@ -10,7 +10,7 @@ Choices a reader of the numbers should know (they are also printed under every t
 - the spread is the sample standard deviation (ddof=1) over the finished seeds, the usual
   "mean ± std of 3 runs" of papers; with fewer than 2 finished seeds it is undefined (NaN) rather
   than a misleading 0.
-- a cell with fewer finished seeds than the protocol asks for is marked ``[k/n]``; with none it is "–";
+- every cell with finished seeds says how many: ``[k/n]``, k of the protocol's n seeds; with none it is "–";
   a cell the table skips is "n/a".
 
 Usage: ``python -m benchmarks.report benchmarks/table3.yaml --profile smoke [--format md|csv|tex]``.
@@ -310,7 +310,7 @@ def _fmt(x: float) -> str:
 
 
 def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool = True, delta: bool = True) -> str:
-    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)'; '– (paper 80.53)' with no runs; 'n/a' when skipped; '(paper –)'
+    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)' (2 of the protocol's 3 seeds finished); '– (paper 80.53)' with no runs; 'n/a' when skipped; '(paper –)'
     for a cell the paper lacks (a control, a new method or model) in a table that has a paper."""
     if s["skipped"]:
         return "n/a"
@@ -320,8 +320,7 @@ def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool
         ours = _fmt(s["mean"]) + (f" {pm_sym} {_fmt(s['std'])}" if s["n_done"] >= 2 else "")
         ours += MARK if s.get("holds") is True else ""
         ours += " [mixed]" if s.get("mixed") else ""
-        if s["n_done"] < s["n_expected"]:
-            ours += f" [{s['n_done']}/{s['n_expected']}]"
+        ours += f" [{s['n_done']}/{s['n_expected']}]"  # n in every cell: how many seeds stand behind the mean
     if math.isnan(s["paper_mean"]):
         return f"{ours} (paper {dash})" if has_paper else ours
     paper = f"paper {_fmt(s['paper_mean'])}" + (MARK if s.get("paper_holds") is True else "")
@@ -374,7 +373,7 @@ def _notes(table: Table, summary: pd.DataFrame) -> list[str]:
                "only, without a difference from ours."] if table.profile != "full" else [])
     return [*caveat,
         f"{done}/{expected} runs finished. Cells: mean ± sample std (ddof=1) over finished seeds; "
-        f"[k/n] = only k of the protocol's n seeds finished; {DASH} = none finished; n/a = not in the table; "
+        f"[k/n] = k of the protocol's n seeds finished; {DASH} = none finished; n/a = not in the table; "
         "(paper mean, ours − paper).",
         "images/step = images per optimizer step (pair/two-view methods see more); device-h = wall time x "
         "world size summed over the row's finished runs." + (f" Devices: {', '.join(devices)}." if devices else ""),

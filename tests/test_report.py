@@ -165,13 +165,13 @@ def test_render_markdown(tiny):
     assert header == ["Method", "ResNet8", "ResNet20", "train top-1", "images/step", "device-h"]
     body = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")[1:]] for r in rows[2:]}
     assert list(body) == ["Hard Label", "IPS", "IPS 2x2"]
-    assert body["Hard Label"] == ["72.00 ± 2.00 (paper 71.50, +0.50)", "62.00 ± 2.65 (paper 63.00, -1.00)",
+    assert body["Hard Label"] == ["72.00 ± 2.00 [3/3] (paper 71.50, +0.50)", "62.00 ± 2.65 [3/3] (paper 63.00, -1.00)",
                                   "–", "64", "0.60"]  # no train accuracy recorded; 6 runs x 360 s x 1 device
     # the paper's own IPS - Hard difference holds at n = 3 (marked); ours at n = 2 vs 3 does not
     assert body["IPS"][0] == "76.00 ± 1.41 [2/3] (paper 74.00*, +2.00)"
     assert body["IPS"][1].startswith("–") and "paper 66.00" in body["IPS"][1]
     assert body["IPS"][2:] == ["–", "128", "0.40"]  # 2 runs x 360 s x 2 devices
-    assert body["IPS 2x2"][:2] == ["73.00 ± 0.00 (paper –)", "n/a"]  # the paper has no value for this cell
+    assert body["IPS 2x2"][:2] == ["73.00 ± 0.00 [3/3] (paper –)", "n/a"]  # the paper has no value for this cell
 
 
 def test_render_best_is_labelled(tiny):
@@ -179,7 +179,7 @@ def test_render_best_is_labelled(tiny):
     summary = summarize(table, collect(table), "best")
     text = render(table, summary, "md", "best")
     assert "best epoch (selected on the test set)" in text.splitlines()[0]
-    assert "73.50 ± 2.00 (paper 71.50, +2.00)" in text
+    assert "73.50 ± 2.00 [3/3] (paper 71.50, +2.00)" in text
     with pytest.raises(ValueError, match="metric"):
         render(table, summary, "md", "last")  # best numbers never under a last-epoch title
 
@@ -202,8 +202,8 @@ def test_render_tex_is_a_tabular(tiny):
     tex = render(table, summarize(table, collect(table)), "tex", "last")
     body = [l for l in tex.splitlines() if not l.startswith("%")]
     assert body[0] == r"\begin{tabular}{lccrrr}" and body[-1] == r"\end{tabular}"
-    assert r"72.00 $\pm$ 2.00 (paper 71.50, +0.50)" in tex
-    assert r"62.00 $\pm$ 2.65 (paper 63.00, $-$1.00)" in tex
+    assert r"72.00 $\pm$ 2.00 [3/3] (paper 71.50, +0.50)" in tex
+    assert r"62.00 $\pm$ 2.65 [3/3] (paper 63.00, $-$1.00)" in tex
     assert "[2/3]" in tex and "n/a" in tex and "±" not in "\n".join(body)
     assert all(l.endswith(r"\\") for l in body if "&" in l)
 
@@ -267,7 +267,7 @@ def test_report_end_to_end(tiny, tmp_path):
     text = report(root / "tiny.yaml", figure_dir=tmp_path / "figs")
     png = tmp_path / "figs" / "tiny-full-last.png"
     assert str(png) in text and _is_png(png)
-    assert "72.00 ± 2.00 (paper 71.50, +0.50)" in text
+    assert "72.00 ± 2.00 [3/3] (paper 71.50, +0.50)" in text
     best = report(root / "tiny.yaml", metric="best", figure_dir=tmp_path / "figs")
     assert "best epoch (selected on the test set)" in best
     assert _is_png(tmp_path / "figs" / "tiny-full-best.png") and _is_png(png)  # one figure per metric, none overwritten
