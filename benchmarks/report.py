@@ -310,8 +310,9 @@ def _fmt(x: float) -> str:
 
 
 def _cell_text(s: pd.Series, pm_sym: str, minus: str, dash: str, has_paper: bool = True, delta: bool = True) -> str:
-    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)' (2 of the protocol's 3 seeds finished); '– (paper 80.53)' with no runs; 'n/a' when skipped; '(paper –)'
-    for a cell the paper lacks (a control, a new method or model) in a table that has a paper."""
+    """'80.41 ± 0.12 [2/3] (paper 80.53, -0.12)' (2 of the protocol's 3 seeds finished); '– (paper 80.53)' with
+    no runs; 'n/a' when skipped; '(paper –)' for a cell the paper lacks (a control, a new method or model) in a
+    table that has a paper."""
     if s["skipped"]:
         return "n/a"
     if s["n_done"] == 0:
