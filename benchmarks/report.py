@@ -341,12 +341,14 @@ def _row_extras(summary: pd.DataFrame, row: str) -> tuple[str, str]:
     return ips_txt, f"{cells['device_hours'].sum():.2f}"
 
 
-def _grid(table: Table, summary: pd.DataFrame, pm_sym: str, minus: str, dash: str) -> list[list[str]]:
+def _grid(table: Table, summary: pd.DataFrame, comp: pd.DataFrame, pm_sym: str, minus: str,
+          dash: str) -> list[list[str]]:
     """The pretty layout as text cells: header then one line per table row, YAML order. A cell whose difference
-    from the reference row holds (Welch 95%) carries the mark, ours after our mean, the paper's after its value."""
+    from the reference row holds (Welch 95%, from ``comp``) carries the mark, ours after our mean, the paper's
+    after its value."""
     by_cell = {(r, c): s for (r, c), s in zip(zip(summary["row"], summary["column"]), summary.to_dict("records"))}
     ref = _reference_row(table)
-    for c in comparisons(table, summary).to_dict("records"):
+    for c in comp.to_dict("records"):
         if c["against"] == ref:
             by_cell[(c["row"], c["column"])] = {**by_cell[(c["row"], c["column"])], "holds": c["holds"],
                                                 "paper_holds": c["paper_holds"]}
@@ -411,7 +413,7 @@ def _tex_escape(s: str) -> str:
 
 def _tex(table: Table, summary: pd.DataFrame, metric: str) -> str:
     """A plain LaTeX tabular (no packages needed), title and notes as comments above it."""
-    lines = _grid(table, summary, "PMSYM", "MINUSSYM", "DASHSYM")
+    lines = _grid(table, summary, comparisons(table, summary), "PMSYM", "MINUSSYM", "DASHSYM")
     fix = lambda s: (_tex_escape(s).replace("PMSYM", r"$\pm$").replace("MINUSSYM", "$-$")  # noqa: E731
                      .replace("DASHSYM", "--").replace("±", r"$\pm$").replace("−", "$-$").replace(DASH, "--"))
     body = [" & ".join(fix(c) for c in l) + r" \\" for l in lines]
@@ -450,8 +452,8 @@ def render(table: Table, summary: pd.DataFrame, fmt: str = "md", metric: str | N
         return _csv(table, summary)
     if fmt == "tex":
         return _tex(table, summary, metric) + "\n"
-    lines = _grid(table, summary, "±", "-", DASH)
-    comp = comparisons(table, summary)
+    comp = comparisons(table, summary)  # once: the cells' marks, the differences and the mean gains read it
+    lines = _grid(table, summary, comp, "±", "-", DASH)
     diffs = ["", "#### Differences (Welch 95% CI)", "", _differences_md(comp)] if len(comp) else []
     gains = mean_gains(table, summary, comp)
     if len(gains):
